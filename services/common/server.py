@@ -1,0 +1,82 @@
+"""The skeleton every elastune gRPC service shares.
+
+build config -> `grpc.aio.server()` -> add servicers and the standard health service ->
+start -> on SIGTERM: report NOT_SERVING, drain, `stop(grace)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+# KV chunks can be large; the default 4 MiB receive limit is too small for real models.
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class GrpcService:
+    """Subclasses implement `add_servicers`, and optionally `on_start`, `drain` and `on_stop`."""
+
+    name = "service"
+
+    def __init__(self, host: str, port: int):
+        self._bind = f"{host}:{port}"
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+
+    def add_servicers(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    async def on_start(self) -> None:
+        """Runs after the port is bound, before the service reports SERVING."""
+
+    async def drain(self, grace_s: float) -> None:
+        """Finish (or hand off) accepted work; called after NOT_SERVING is reported."""
+
+    async def on_stop(self) -> None:
+        """Release everything else (store connections, threads)."""
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.add_servicers(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(self._bind)
+        if self.port == 0:
+            raise OSError(f"{self.name}: cannot bind {self._bind}")
+        await self.server.start()
+        await self.on_start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        log.info(f"{self.name}.started", port=self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            await asyncio.wait_for(self.drain(grace_s), timeout=grace_s)
+        except asyncio.TimeoutError:
+            log.warning(f"{self.name}.drain_timeout", grace_s=grace_s)
+        if self.server is not None:
+            await self.server.stop(grace=min(grace_s, 5.0))
+        await self.on_stop()
+        log.info(f"{self.name}.stopped")
+
+
+async def run_until_signal(service, grace_s: float) -> None:
+    """Start the service and stop it cleanly on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    await stop.wait()
+    log.info(f"{service.name}.signal", grace_s=grace_s)
+    await service.stop(grace_s)

@@ -1,0 +1,40 @@
+"""A sequence in the decode worker's running batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..common.types import FinishReason, SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    slot: int
+    tokens: list[int]  # prompt + output so far; tokens[-1] is fed at the next step
+    prompt_len: int
+    params: SamplingParams
+    seed: int
+    eos_ids: frozenset[int]
+    max_len: int  # the slot's capacity in tokens
+    outbox: Any = field(default=None, repr=False)  # asyncio.Queue of (tokens, finish_reason)
+    aborted: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def position(self) -> int:
+        """Where the K/V of tokens[-1] is written during the next step."""
+        return len(self.tokens) - 1
+
+    def finish_for(self, token: int) -> str | None:
+        """The finish reason once `token` has been appended, or None to go on."""
+        if token in self.params.stop_token_ids or (token in self.eos_ids and not self.params.ignore_eos):
+            return FinishReason.STOP
+        if self.generated >= self.params.max_tokens or len(self.tokens) >= self.max_len:
+            return FinishReason.LENGTH
+        return None

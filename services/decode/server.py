@@ -1,0 +1,264 @@
+"""Decode worker: reserves KV, gets the prompt's KV from a prefill worker, streams tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+
+import grpc
+import structlog
+
+from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
+from ..common.kv_transport import KvLayout, KvReceiver, ShmFile, host_id
+from ..common.runtime_config import RuntimeConfig
+from ..common.server import GRPC_OPTIONS
+from ..common.types import FinishReason
+from ..common.worker import Worker
+from ..proto import inference_pb2 as pb
+from ..proto import inference_pb2_grpc as pb_grpc
+from .config import DecodeConfig
+from .engine import DecodeEngine
+from .sequence import Sequence
+
+log = structlog.get_logger(__name__)
+
+RETRY_AFTER_MS = 250
+
+
+class Overloaded(Exception):
+    pass
+
+
+class DecodeWorker(Worker):
+    name = stage = "decode"
+
+    def __init__(self, config: DecodeConfig):
+        runtime = RuntimeConfig(
+            max_batch_size=config.max_batch_size,
+            max_concurrency=config.max_concurrency,
+            local_prefill_threshold=config.local_prefill_threshold,
+        )
+        super().__init__(config, runtime)
+        self.engine: DecodeEngine | None = None
+        self._slot_freed: asyncio.Condition | None = None
+        self._waiting: dict[object, int] = {}  # waiter -> prompt tokens, for the load report
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self.kv_sources: Counter[str] = Counter()  # where prompt KV came from: shm, grpc, local
+
+    def add_servicers(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_DecodeServicer_to_server(DecodeServicer(self), server)
+        self.add_admin(server)
+
+    async def on_start(self) -> None:
+        cfg: DecodeConfig = self.config
+        self._slot_freed = asyncio.Condition()
+        self.engine = DecodeEngine(self.runner, cfg.kv_slots, self.runtime.max_batch_size, asyncio.get_running_loop())
+        self.engine.on_slot_freed = self._notify_slot_freed
+        self.engine.start()
+        await super().on_start()
+
+    def apply_config(self, runtime: RuntimeConfig) -> None:
+        runtime.validate(slots=self.config.kv_slots)
+        super().apply_config(runtime)
+        self.engine.scheduler.max_batch_size = runtime.max_batch_size  # next step boundary
+        self._notify_slot_freed()  # a higher max_concurrency may admit waiters now
+
+    def _notify_slot_freed(self) -> None:
+        async def notify():
+            async with self._slot_freed:
+                self._slot_freed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    async def reserve_slot(self, prompt_len: int, deadline: float) -> int:
+        """Wait for KV room (bounded queue, deadline); return a slot."""
+        if len(self._waiting) >= self.config.max_waiting:
+            raise Overloaded(f"decode worker has {len(self._waiting)} requests waiting for KV space")
+        token = object()
+        self._waiting[token] = prompt_len
+        try:
+            async with self._slot_freed:
+                while True:
+                    if self.draining:
+                        raise Overloaded("decode worker is draining")
+                    if self.engine.slots.used < self.runtime.max_concurrency:
+                        slot = self.engine.slots.allocate()
+                        if slot is not None:
+                            return slot
+                    timeout = None if deadline == 0 else deadline - time.time()
+                    if timeout is not None and timeout <= 0:
+                        raise asyncio.TimeoutError
+                    await asyncio.wait_for(self._slot_freed.wait(), timeout)
+        finally:
+            del self._waiting[token]
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    def load_report(self):
+        e = self.engine
+        if e is None:
+            return self.base_report()
+        return self.base_report(
+            queue_len=len(self._waiting),
+            queued_tokens=sum(self._waiting.values()),
+            running_seqs=e.slots.used,
+            kv_used_tokens=sum(len(s.tokens) for s in list(e.scheduler.running)),
+            kv_capacity_tokens=self.runtime.max_concurrency * e.slot_tokens,
+            output_tokens_per_s=e.tokens_out.rate(),
+            step_ms_p50=e.step_ms.percentile(50),
+            step_ms_p95=e.step_ms.percentile(95),
+        )
+
+    async def drain(self, grace_s: float) -> None:
+        """Take no new requests; let running sequences finish (migration comes with the scaler issue)."""
+        await self.begin_drain()
+        async with self._slot_freed:
+            self._slot_freed.notify_all()
+        while self.engine.slots.used:
+            await asyncio.sleep(0.05)
+
+    async def on_stop(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+        for ch in self._channels.values():
+            await ch.close()
+        await super().on_stop()
+
+
+class DecodeServicer(pb_grpc.DecodeServicer):
+    def __init__(self, worker: DecodeWorker):
+        self.worker = worker
+
+    async def Generate(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext):
+        w = self.worker
+        cfg = w.runner.config
+        try:
+            params = sampling_from_proto(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            check_prompt(prompt, cfg.vocab_size, cfg.max_model_len, params.max_tokens)
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if w.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining; retry on another worker")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        timings = pb.StageTimings()
+        start = time.monotonic()
+        try:
+            slot = await w.reserve_slot(len(prompt), request.deadline_unix_s)
+        except Overloaded as exc:
+            context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {RETRY_AFTER_MS} ms")
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while waiting for KV space")
+        timings.decode_queue_ms = (time.monotonic() - start) * 1000
+
+        seq = None
+        try:
+            remote = request.prefill_address and len(prompt) >= w.runtime.local_prefill_threshold
+            if remote:
+                first = None
+                async for first in self._remote_prefill(request, prompt, params, seed, slot, timings):
+                    yield pb.TokenChunk(token_ids=[first], timings=timings)
+            else:
+                first = await self._local_prefill(prompt, params, seed, slot, timings)
+                yield pb.TokenChunk(token_ids=[first], timings=timings)
+            seq = Sequence(
+                request.request_id, slot, prompt + [first], len(prompt), params, seed,
+                frozenset(cfg.eos_token_ids), w.engine.slot_tokens, outbox=asyncio.Queue(),
+            )
+            seq.finish_reason = seq.finish_for(first)
+            if seq.finish_reason:
+                w.engine.free_slot(slot)
+                yield pb.TokenChunk(finish_reason=seq.finish_reason, timings=timings)
+                return
+            w.engine.add(seq)
+            async for chunk in self._stream(seq, context):
+                yield chunk
+        finally:
+            if seq is None:
+                w.engine.free_slot(slot)
+            elif not seq.finish_reason:
+                w.engine.abort(seq)  # the engine releases the slot at its next step
+
+    async def _stream(self, seq: Sequence, context):
+        while True:
+            token, finish = await seq.outbox.get()
+            tokens = [token]
+            while not finish and not seq.outbox.empty():  # coalesce what the engine already made
+                token, finish = seq.outbox.get_nowait()
+                tokens.append(token)
+            if finish == "error":
+                seq.finish_reason = FinishReason.ABORT
+                await context.abort(grpc.StatusCode.INTERNAL, "decode step failed; see the worker's log")
+            yield pb.TokenChunk(token_ids=[t for t in tokens if t is not None], finish_reason=finish or "")
+            if finish:
+                return
+
+    async def _local_prefill(self, prompt, params, seed, slot, timings) -> int:
+        start = time.monotonic()
+        out = await self.worker.engine.prefill(prompt, params, seed)
+        for layer, kv in enumerate(out.kv):
+            self.worker.engine.cache.write_prompt(slot, layer, kv)
+        self.worker.kv_sources["local"] += 1
+        timings.prefill_compute_ms = (time.monotonic() - start) * 1000
+        return out.first_token
+
+    async def _remote_prefill(self, request, prompt, params, seed, slot, timings):
+        """Yield the first token as soon as it arrives, then adopt the KV into `slot`.
+
+        If the prefill worker fails, the prompt is prefilled here instead; the KV is the
+        same, so the request goes on unchanged.
+        """
+        w = self.worker
+        cfg = w.runner.config
+        shm = None
+        if w.config.kv_transport == "auto" and request.prefill_host_id == host_id():
+            size = cfg.kv_bytes_per_token(w.engine.cache.k[0].element_size()) * len(prompt)
+            shm = ShmFile.create(size, tag=str(slot))
+        first = None
+        try:
+            stub = pb_grpc.PrefillStub(w.channel(request.prefill_address))
+            target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path) if shm else "", shm_bytes=shm.size if shm else 0)
+            sampling = sampling_to_proto(params)
+            sampling.seed = seed  # the prefill worker draws token 0 from the same stream
+            call = stub.Prefill(pb.PrefillRequest(
+                request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target
+            ))
+            receiver = None
+            kv_start = None
+            async for msg in call:
+                if msg.HasField("head"):
+                    first = msg.head.first_token_id
+                    timings.prefill_queue_ms = msg.head.queue_ms
+                    timings.prefill_compute_ms = msg.head.compute_ms
+                    receiver = KvReceiver(KvLayout.from_proto(msg.head.layout), msg.head.transport, shm)
+                    kv_start = time.monotonic()
+                    yield first
+                    continue
+                for layer, kv in receiver.layers(msg.kv):
+                    w.engine.cache.write_prompt(slot, layer, kv)
+                    del kv
+            if receiver is None or not receiver.complete:
+                raise ConnectionError("prefill stream ended before the whole KV arrived")
+            timings.kv_transfer_ms = (time.monotonic() - kv_start) * 1000
+            w.kv_sources[receiver.transport] += 1
+        except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
+            log.warning("decode.prefill_fallback", request_id=request.request_id, error=str(exc)[:200])
+            local_first = await self._local_prefill(prompt, params, seed, slot, timings)
+            if first is None:
+                first = local_first
+                yield first
+        finally:
+            if shm is not None:
+                shm.unlink()
+
+
+async def main(config: DecodeConfig) -> None:
+    from ..common.server import run_until_signal
+
+    await run_until_signal(DecodeWorker(config), config.drain_grace_s)

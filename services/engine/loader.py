@@ -1,0 +1,79 @@
+"""Load a local Hugging Face model directory (safetensors) into `CausalLM`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .model import CausalLM, rope_inv_freq
+from .model_config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto": float32 on CPU (bf16 matmuls are slow there), bfloat16 on GPU."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {model_dir}")
+    return files
+
+
+def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in _weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensors[name.removeprefix("model.")] = f.get_tensor(name)
+    return tensors
+
+
+def _fused_state(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map HF names onto CausalLM's, concatenating q/k/v and gate/up."""
+    state = {
+        "embed_tokens.weight": hf["embed_tokens.weight"],
+        "norm.weight": hf["norm.weight"],
+        "lm_head.weight": hf.get("lm_head.weight", hf["embed_tokens.weight"]),
+    }
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        attn = p + "self_attn."
+        state[attn + "qkv_proj.weight"] = torch.cat([hf[f"{attn}{n}_proj.weight"] for n in "qkv"])
+        if config.qkv_bias:
+            state[attn + "qkv_proj.bias"] = torch.cat([hf[f"{attn}{n}_proj.bias"] for n in "qkv"])
+        state[attn + "o_proj.weight"] = hf[attn + "o_proj.weight"]
+        if config.o_bias:
+            state[attn + "o_proj.bias"] = hf[attn + "o_proj.bias"]
+        mlp = p + "mlp."
+        state[mlp + "gate_up_proj.weight"] = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
+        state[mlp + "down_proj.weight"] = hf[mlp + "down_proj.weight"]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{p}{norm}.weight"] = hf[f"{p}{norm}.weight"]
+    return state
+
+
+def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") -> CausalLM:
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    dev = torch.device(device)
+    with torch.device("meta"):  # no memory for weights that are overwritten at once
+        model = CausalLM(config)
+    model.load_state_dict(_fused_state(config, _read_tensors(model_dir)), assign=True, strict=True)
+    model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+    model.inv_freq = rope_inv_freq(config).to(dev)
+    return model

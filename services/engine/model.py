@@ -1,0 +1,176 @@
+"""Dense decoder-only transformer (Llama / Mistral / Qwen2) written for serving.
+
+Two entry points share the weights:
+- `prefill(tokens, lengths)`: a right-padded batch of prompts; returns the logits at each
+  prompt's last token and every layer's K/V so the caller can ship it to a decode worker.
+- `decode(tokens, positions, slots, cache)`: one new token per running sequence; reads and
+  writes K/V in a slot-indexed cache owned by the decode worker.
+Q/K/V and gate/up projections are fused into single matmuls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kv_cache import KvCache
+from .model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        q_size = config.num_heads * config.head_dim
+        kv_size = config.num_kv_heads * config.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, KVH, T, D], RoPE applied to q and k."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [B, H, T, D] over k, v [B, KVH, S, D] with mask [B, 1, T, S] -> [B, T, hidden]."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # float32 RoPE frequencies, deliberately not a buffer so dtype casts leave them alone;
+        # whoever moves the model to a device moves them too (see loader.load_model).
+        self.inv_freq = rope_inv_freq(config)
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions [B, T] -> cos, sin [B, 1, T, D] (broadcast over heads)."""
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor):
+        """tokens [B, T] right-padded, lengths [B].
+
+        Returns logits at each prompt's last token [B, V] and, per layer, (k, v) each
+        [B, KVH, T, D]; positions at or beyond a prompt's length are padding.
+        """
+        b, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand(b, t)
+        cos, sin = self._rope(positions, self.embed_tokens.weight.dtype)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        valid_keys = positions < lengths[:, None]  # [B, T]
+        mask = causal[None, None] & valid_keys[:, None, None, :]  # [B, 1, T, T]
+        h = self.embed_tokens(tokens)
+        kv = []
+        for layer in self.layers:
+            x = layer.input_layernorm(h)
+            q, k, v = layer.self_attn.project(x, cos, sin)
+            kv.append((k, v))
+            h = h + layer.self_attn.attend(q, k, v, mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        last = h[torch.arange(b, device=tokens.device), lengths - 1]  # [B, hidden]
+        return self._logits(last), kv
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KvCache) -> torch.Tensor:
+        """tokens, positions, slots [B]: write each new token's K/V at (slot, position), attend
+        over positions 0..position of its slot; returns next-token logits [B, V]."""
+        span = int(positions.max()) + 1
+        cos, sin = self._rope(positions[:, None], self.embed_tokens.weight.dtype)
+        keys = torch.arange(span, device=tokens.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, span]
+        h = self.embed_tokens(tokens[:, None])  # [B, 1, hidden]
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = layer.self_attn.project(x, cos, sin)
+            cache.k[i][slots, :, positions] = k[:, :, 0]
+            cache.v[i][slots, :, positions] = v[:, :, 0]
+            k_all = cache.k[i][slots, :, :span]  # [B, KVH, span, D]
+            v_all = cache.v[i][slots, :, :span]
+            h = h + layer.self_attn.attend(q, k_all, v_all, mask)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self._logits(h[:, 0])

@@ -1,0 +1,47 @@
+"""A loaded model plus the batch plumbing both worker kinds need."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..common.types import SamplingParams
+from .loader import load_model
+from .model_config import ModelConfig
+from .sampler import sample
+
+
+@dataclass
+class PrefillOutput:
+    first_token: int
+    kv: list[torch.Tensor]  # per layer [2, KVH, T, D], T = prompt length
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str | Path, dtype: str = "auto", device: str = "cpu", threads: int = 0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        self.model = load_model(model_dir, dtype=dtype, device=device)
+        self.config: ModelConfig = self.model.config
+        self.dtype = self.model.embed_tokens.weight.dtype
+
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], seeds: Sequence[int]
+    ) -> list[PrefillOutput]:
+        """Run prompts as one right-padded micro-batch; sample each prompt's first output token."""
+        lengths = [len(p) for p in prompts]
+        tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        logits, kv = self.model.prefill(tokens.to(self.device), torch.tensor(lengths, device=self.device))
+        first = sample(logits, params, seeds, [0] * len(prompts))
+        outputs = []
+        for i, n in enumerate(lengths):
+            # [2, KVH, n, D] per layer, contiguous so it can be shipped as raw bytes
+            layers = [torch.stack((k[i, :, :n], v[i, :, :n])) for k, v in kv]
+            outputs.append(PrefillOutput(first[i], layers))
+        return outputs

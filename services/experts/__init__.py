@@ -1,0 +1,1 @@
+"""MoE experts service (placeholder until its own issue)."""

@@ -1,0 +1,201 @@
+"""OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..common.types import GenerationRequest
+from .generation import Delta, RequestStats, generate
+from .openai_protocol import (
+    KIND_CHAT,
+    ApiError,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    models_response,
+    parse_chat,
+    parse_completion,
+    resolve_max_tokens,
+    usage_chunk,
+)
+from .pipeline import PipelineError
+
+if TYPE_CHECKING:
+    from .server import Gateway
+
+log = structlog.get_logger(__name__)
+
+PIPELINE_STATUS = {"unavailable": 503, "overloaded": 429, "invalid": 400, "timeout": 504, "failed": 502}
+
+
+def api_error(exc: PipelineError) -> ApiError:
+    return ApiError(PIPELINE_STATUS[exc.kind], str(exc), retry_after_s=exc.retry_after_s)
+
+
+def error_response(err: ApiError) -> web.Response:
+    headers = {}
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+class OpenAIApi:
+    def __init__(self, gateway: "Gateway"):
+        self.gw = gateway
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(models_response(self.gw.model_name, self.gw.created))
+
+    async def health(self, request: web.Request) -> web.Response:
+        workers = {stage: len(ws) for stage, ws in self.gw.pipeline.workers.items()}
+        ready = workers.get("decode", 0) > 0
+        return web.json_response({"status": "ok" if ready else "no_workers", "workers": workers}, status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        for stage, ws in self.gw.pipeline.workers.items():
+            self.gw.metrics.workers.labels(stage).set(len(ws))
+        return web.Response(body=generate_latest(self.gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "completions")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "chat")
+
+    async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        m = self.gw.metrics
+        m.in_flight.inc()
+        try:
+            response = await self._handle(request, endpoint)
+        finally:
+            m.in_flight.dec()
+        m.requests.labels(endpoint, str(response.status)).inc()
+        return response
+
+    async def _admit(self, request: web.Request, endpoint: str):
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        limits = self.gw.limits
+        call = parse_chat(body, limits) if endpoint == "chat" else parse_completion(body, limits)
+        tok = self.gw.tokenizer
+        if call.kind == KIND_CHAT:
+            prompt_ids, param = tok.encode_chat(call.messages), "messages"
+        elif call.prompt_token_ids is not None:
+            prompt_ids, param = list(call.prompt_token_ids), "prompt"
+            bad = next((t for t in prompt_ids if t >= tok.vocab_size), None)
+            if bad is not None:
+                raise ApiError(400, f"prompt holds token id {bad}; ids must be < {tok.vocab_size}", param="prompt")
+        else:
+            prompt_ids, param = tok.encode_text(call.prompt), "prompt"
+        max_tokens = resolve_max_tokens(call, len(prompt_ids), limits)
+        prefix = "chatcmpl" if call.kind == KIND_CHAT else "cmpl"
+        req = GenerationRequest(
+            request_id=f"{prefix}-{uuid.uuid4().hex}",
+            prompt_token_ids=tuple(prompt_ids),
+            sampling=replace(call.sampling, max_tokens=max_tokens),
+            stop=call.stop,
+        )
+        return call, req
+
+    async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        stats = RequestStats()
+        try:
+            call, req = await self._admit(request, endpoint)
+            deltas = generate(self.gw.pipeline, self.gw.tokenizer.tokenizer, req, self.gw.config.default_timeout_s, stats)
+            first = await anext(deltas)  # errors before the first token become HTTP statuses
+        except ApiError as err:
+            return error_response(err)
+        except PipelineError as exc:
+            return error_response(api_error(exc))
+        self.gw.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
+        if stats.ttft_s is not None:
+            self.gw.metrics.ttft.observe(stats.ttft_s)
+        try:
+            if call.stream:
+                return await self._stream(request, call, req, first, deltas, stats)
+            return await self._collect(call, req, first, deltas, stats)
+        finally:
+            await deltas.aclose()
+            self.gw.metrics.completion_tokens.inc(stats.completion_tokens)
+            self.gw.metrics.e2e.observe(time.monotonic() - stats.start)
+
+    async def _collect(self, call, req, first: Delta, deltas, stats) -> web.Response:
+        parts, last, ids = [first.text], first, list(first.token_ids)
+        try:
+            async for delta in deltas:
+                parts.append(delta.text)
+                ids.extend(delta.token_ids)
+                last = delta
+        except PipelineError as exc:
+            return error_response(api_error(exc))
+        build = chat_response if call.kind == KIND_CHAT else completion_response
+        body = build(call, req.request_id, self.gw.now(), "".join(parts), last.finish_reason,
+                     len(req.prompt_token_ids), stats.completion_tokens)
+        if call.return_token_ids:
+            body["choices"][0]["token_ids"] = ids
+            body["prompt_token_ids"] = list(req.prompt_token_ids)
+        return web.json_response(body, headers=_timing_headers(stats))
+
+    async def _stream(self, request, call, req, first: Delta, deltas, stats) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        created = self.gw.now()
+        chat = call.kind == KIND_CHAT
+
+        async def send(obj: dict) -> None:
+            await response.write(b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n")
+
+        def event(delta: Delta, is_first: bool) -> dict:
+            if chat:
+                chunk = chat_chunk(call, req.request_id, created, delta.text, delta.finish_reason, is_first)
+            else:
+                chunk = completion_chunk(call, req.request_id, created, delta.text, delta.finish_reason)
+            if call.return_token_ids:
+                chunk["choices"][0]["token_ids"] = delta.token_ids
+            return chunk
+
+        try:
+            await send(event(first, True))
+            async for delta in deltas:
+                await send(event(delta, False))
+            if call.include_usage:
+                await send(usage_chunk(call, req.request_id, created, len(req.prompt_token_ids), stats.completion_tokens))
+            await response.write(b"data: [DONE]\n\n")
+        except PipelineError as exc:
+            await send(api_error(exc).body())  # mid-stream failure: an error event, then the end
+        except (ConnectionResetError, ConnectionError):
+            log.info("gateway.client_gone", request_id=req.request_id)
+            return response
+        await response.write_eof()
+        return response
+
+
+def _timing_headers(stats: RequestStats) -> dict[str, str]:
+    headers = {}
+    if stats.ttft_s is not None:
+        headers["X-Elastune-TTFT-Ms"] = f"{stats.ttft_s * 1000:.3f}"
+    t = stats.timings
+    if t is not None:
+        headers["X-Elastune-Prefill-Ms"] = f"{t.prefill_queue_ms + t.prefill_compute_ms:.3f}"
+        headers["X-Elastune-KV-Transfer-Ms"] = f"{t.kv_transfer_ms:.3f}"
+        headers["X-Elastune-Decode-Queue-Ms"] = f"{t.decode_queue_ms:.3f}"
+    return headers

@@ -1,0 +1,146 @@
+"""The gateway's side of the pipeline: pick workers, stream tokens from decode, retry safely.
+
+A request is retried on another decode worker only before its first token, so a client
+never sees a token twice. After that, a failure ends the stream with a clear status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from ..common.convert import sampling_to_proto
+from ..common.load_report import LoadReport
+from ..common.registry import WorkerDirectory
+from ..common.server import GRPC_OPTIONS
+from ..common.tasks import spawn
+from ..common.types import GenerationRequest
+from ..proto import inference_pb2 as pb
+from ..proto import inference_pb2_grpc as pb_grpc
+from .router import pick
+
+log = structlog.get_logger(__name__)
+
+SUSPECT_S = 5.0  # a worker that refused a connection is skipped this long (or until it reports again)
+
+
+class PipelineError(Exception):
+    """Raised before the first token; the HTTP/gRPC layer maps `kind` to a status."""
+
+    def __init__(self, kind: str, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.kind = kind  # "unavailable", "overloaded", "invalid", "timeout", "failed"
+        self.retry_after_s = retry_after_s
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    finish_reason: str | None
+    timings: pb.StageTimings | None = None
+
+
+class Pipeline:
+    def __init__(self, directory: WorkerDirectory, refresh_s: float, retries: int, retry_after_s: float):
+        self.directory = directory
+        self.refresh_s = refresh_s
+        self.retries = retries
+        self.retry_after_s = retry_after_s
+        self.workers: dict[str, list[LoadReport]] = {"prefill": [], "decode": []}
+        self.open_requests: Counter[str] = Counter()
+        self._suspect: dict[str, float] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = spawn(self._refresh_loop(), name="gateway.directory")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for ch in self._channels.values():
+            await ch.close()
+
+    async def refresh(self) -> None:
+        for stage in self.workers:
+            self.workers[stage] = await self.directory.workers(stage)
+        now = time.monotonic()
+        self._suspect = {w: t for w, t in self._suspect.items() if now - t < SUSPECT_S}
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # store unreachable: route on the last view
+                log.warning("gateway.refresh_failed", error=str(exc)[:200])
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    def _pick(self, stage: str, exclude: set[str]) -> LoadReport | None:
+        return pick(self.workers[stage], self.open_requests, exclude | self._suspect.keys())
+
+    async def stream(self, req: GenerationRequest, timeout_s: float) -> AsyncIterator[TokenEvent]:
+        deadline = time.time() + timeout_s
+        tried: set[str] = set()
+        failure: PipelineError | None = None
+        for _ in range(self.retries + 1):
+            decode = self._pick("decode", tried)
+            if decode is None:
+                break
+            tried.add(decode.worker_id)
+            prefill = self._pick("prefill", set())
+            call = pb_grpc.DecodeStub(self._channel(decode.address)).Generate(
+                pb.DecodeRequest(
+                    request_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    sampling=sampling_to_proto(req.sampling),
+                    prefill_address=prefill.address if prefill else "",
+                    prefill_host_id=prefill.host_id if prefill else "",
+                    deadline_unix_s=deadline,
+                ),
+                timeout=max(deadline - time.time(), 0.001),
+            )
+            self.open_requests[decode.worker_id] += 1
+            started = False
+            try:
+                async for chunk in call:
+                    started = True
+                    yield TokenEvent(list(chunk.token_ids), chunk.finish_reason or None, chunk.timings)
+                return
+            except grpc.aio.AioRpcError as exc:
+                failure = self._classify(exc, decode)
+                if started or failure.kind not in ("unavailable", "overloaded"):
+                    raise failure from None
+            finally:
+                call.cancel()
+                self.open_requests[decode.worker_id] -= 1
+                if self.open_requests[decode.worker_id] <= 0:
+                    del self.open_requests[decode.worker_id]
+        if failure is not None:
+            raise failure
+        raise PipelineError("unavailable", "no decode worker is available; retry later", self.retry_after_s)
+
+    def _classify(self, exc: grpc.aio.AioRpcError, worker: LoadReport) -> PipelineError:
+        code, detail = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._suspect[worker.worker_id] = time.monotonic()
+            return PipelineError("unavailable", f"decode worker {worker.address} is unavailable: {detail}", self.retry_after_s)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return PipelineError("overloaded", f"all decode workers are busy: {detail}", self.retry_after_s)
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return PipelineError("invalid", detail)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return PipelineError("timeout", "the request did not finish within its timeout")
+        return PipelineError("failed", f"decode worker {worker.address} failed: {code.name}: {detail}")

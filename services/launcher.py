@@ -1,0 +1,152 @@
+"""`elastune up`: the whole pipeline on one machine, each stage in its own process.
+
+Starts the store (embedded Valkey unless REDIS_URL is set), N prefill and N decode workers
+and the gateway; waits until the gateway sees every worker; prints the endpoint. SIGINT or
+SIGTERM stops every process it started: workers drain, then the store goes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine.tiny import ensure_tiny_model
+
+
+@dataclass
+class UpOptions:
+    model: str = ""
+    prefill: int = 1
+    decode: int = 1
+    port: int = 8000
+    host: str = "127.0.0.1"
+    threads: int = 0  # torch threads per worker; 0: cores / workers
+    ready_timeout_s: float = 180.0
+    stop_grace_s: float = 20.0
+
+
+class Stack:
+    def __init__(self, opts: UpOptions):
+        self.opts = opts
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.store: subprocess.Popen | None = None
+        self.store_url = os.environ.get("REDIS_URL", "")
+        self.model_dir = ""
+
+    def _spawn(self, role: str, env: dict[str, str]) -> None:
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        # Own sessions: a terminal's Ctrl-C reaches only this launcher, which stops the
+        # stack in order (gateway, then draining workers, then the store).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve", role], env=full_env, start_new_session=True
+        )
+        self.procs.append((role, proc))
+
+    def _start_store(self) -> str:
+        self.store = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "store"], stdout=subprocess.PIPE, text=True, start_new_session=True
+        )
+        url = self.store.stdout.readline().strip()
+        if not url.startswith("redis://"):
+            raise RuntimeError(f"the embedded store did not start (exit code {self.store.poll()})")
+        return url
+
+    def start(self) -> None:
+        o = self.opts
+        self.model_dir = str(Path(o.model).resolve()) if o.model else str(ensure_tiny_model())
+        if not self.store_url:
+            self.store_url = self._start_store()
+        workers = o.prefill + o.decode
+        threads = o.threads or max(1, (os.cpu_count() or 2) // max(workers, 1))
+        common = {"ELASTUNE_MODEL_DIR": self.model_dir, "REDIS_URL": self.store_url, "ELASTUNE_HOST": o.host}
+        for _ in range(o.prefill):
+            self._spawn("prefill", {**common, "ELASTUNE_THREADS": str(threads)})
+        for _ in range(o.decode):
+            self._spawn("decode", {**common, "ELASTUNE_THREADS": str(threads)})
+        self._spawn("gateway", {**common, "ELASTUNE_HTTP_PORT": str(o.port)})
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.opts.host}:{self.opts.port}"
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.opts.ready_timeout_s
+        want = {"prefill": self.opts.prefill, "decode": self.opts.decode}
+        while time.monotonic() < deadline:
+            for role, proc in self.procs:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{role} process exited with code {proc.returncode} during start-up")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as resp:
+                    workers = json.loads(resp.read())["workers"]
+            except Exception:  # not up yet, or 503 until workers register
+                workers = {}
+            if all(workers.get(stage, 0) >= n for stage, n in want.items()):
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"the stack was not ready within {self.opts.ready_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        # The gateway first (no new requests), then workers drain, then the store.
+        for role, proc in sorted(self.procs, key=lambda rp: rp[0] != "gateway"):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.opts.stop_grace_s
+        for _, proc in self.procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.store is not None:
+            self.store.terminate()
+            self.store.wait(timeout=10)
+
+    def banner(self) -> str:
+        o = self.opts
+        body = json.dumps({"model": Path(self.model_dir).name, "prompt": "Hello", "max_tokens": 16})
+        return (
+            f"elastune is serving {self.model_dir}\n"
+            f"  {o.prefill} prefill + {o.decode} decode workers, store {self.store_url}\n"
+            f"  OpenAI API: {self.base_url}/v1\n"
+            f"  try: curl -s {self.base_url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
+            f"  Ctrl-C stops everything."
+        )
+
+
+def run_up(opts: UpOptions) -> int:
+    stack = Stack(opts)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        stack.wait_ready()
+        print(stack.banner(), flush=True)
+        while not stopping:
+            for role, proc in stack.procs:
+                if proc.poll() is not None and not stopping:
+                    print(f"elastune: {role} process exited with code {proc.returncode}", file=sys.stderr, flush=True)
+                    if role == "gateway":
+                        return 1
+                    stack.procs.remove((role, proc))
+                    break
+            time.sleep(0.2)
+        return 0
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"elastune: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stack.stop()

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs for `protos/` (regenerate with `elastune protos`)."""

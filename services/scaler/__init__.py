@@ -1,0 +1,1 @@
+"""KEDA external scaler for each stage."""
