@@ -8,6 +8,7 @@ prefill jobs; the engine thread runs `step()` and hands tokens back to the loop 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 
 log = structlog.get_logger(__name__)
+
+SWITCH_INTERVAL_S = 0.0005
 
 
 class DecodeEngine:
@@ -45,6 +48,9 @@ class DecodeEngine:
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
 
     def start(self) -> None:
+        # The engine thread and the event loop share the GIL. With the default 5 ms switch
+        # interval a busy event loop stalls the step for up to 5 ms per torch call.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread.start()
 
     def stop(self) -> None:
@@ -110,8 +116,12 @@ class DecodeEngine:
         dev = self.runner.device
         tokens = torch.tensor([s.tokens[-1] for s in batch], device=dev)  # [B]
         positions = torch.tensor([s.position for s in batch], device=dev)  # [B]
-        slots = torch.tensor([s.slot for s in batch], device=dev)  # [B]
-        logits = self.runner.model.decode(tokens, positions, slots, self.cache)  # [B, V]
+        slot_ids = [s.slot for s in batch]
+        slots = torch.tensor(slot_ids, device=dev)  # [B]
+        span = max(s.position for s in batch) + 1
+        logits = self.runner.model.decode(
+            tokens, positions, slots, self.cache, (min(slot_ids), max(slot_ids) + 1), span
+        )  # [B, V]
         return sample(logits, [s.params for s in batch], [s.seed for s in batch], [s.generated for s in batch])
 
     def _postprocess(self, batch: list[Sequence], tokens: list[int]) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .model import CausalLM, rope_inv_freq
+from .model import CausalLM
 from .model_config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,5 +75,5 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") 
         model = CausalLM(config)
     model.load_state_dict(_fused_state(config, _read_tensors(model_dir)), assign=True, strict=True)
     model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-    model.inv_freq = rope_inv_freq(config).to(dev)
+    model.set_rope_tables(dev, model.embed_tokens.weight.dtype)
     return model

@@ -27,10 +27,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        if x.dtype == torch.float32:  # one fused kernel instead of six small ops
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -74,13 +74,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, KVH, T, D], RoPE applied to q and k."""
+        """x [B, T, hidden] -> q [B, H, T, D], k and v [B, KVH, T, D], RoPE applied to q and k.
+
+        cos, sin [B, T, 1, D]. q and k heads are rotated together in one pass.
+        """
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return rotate(q, cos, sin), rotate(k, cos, sin), v
+        heads = self.qkv_proj(x).view(b, t, -1, self.head_dim)  # [B, T, H + 2 KVH, D]
+        qk = rotate(heads[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=2)
+        v = heads[:, :, self.num_heads + self.num_kv_heads :]
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [B, H, T, D] over k, v [B, KVH, S, D] with mask [B, 1, T, S] -> [B, T, hidden]."""
@@ -118,15 +121,21 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # float32 RoPE frequencies, deliberately not a buffer so dtype casts leave them alone;
-        # whoever moves the model to a device moves them too (see loader.load_model).
-        self.inv_freq = rope_inv_freq(config)
+        self.rope_cos = self.rope_sin = None  # filled by set_rope_tables() once weights are placed
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        """positions [B, T] -> cos, sin [B, 1, T, D] (broadcast over heads)."""
-        freqs = positions[..., None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    def set_rope_tables(self, device: torch.device, dtype: torch.dtype) -> None:
+        """cos/sin for every position, computed in float32 as transformers does, then cast.
+
+        Plain attributes, not buffers: the loader calls this after moving the model.
+        """
+        positions = torch.arange(self.config.max_position_embeddings, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * rope_inv_freq(self.config).to(device)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _rope(self, positions: torch.Tensor):
+        """positions [B, T] -> cos, sin [B, T, 1, D] (broadcast over heads)."""
+        return self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h)).float()
@@ -140,7 +149,7 @@ class CausalLM(nn.Module):
         """
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(b, t)
-        cos, sin = self._rope(positions, self.embed_tokens.weight.dtype)
+        cos, sin = self._rope(positions)
         causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
         valid_keys = positions < lengths[:, None]  # [B, T]
         mask = causal[None, None] & valid_keys[:, None, None, :]  # [B, 1, T, T]
@@ -156,21 +165,37 @@ class CausalLM(nn.Module):
         return self._logits(last), kv
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KvCache) -> torch.Tensor:
-        """tokens, positions, slots [B]: write each new token's K/V at (slot, position), attend
-        over positions 0..position of its slot; returns next-token logits [B, V]."""
-        span = int(positions.max()) + 1
-        cos, sin = self._rope(positions[:, None], self.embed_tokens.weight.dtype)
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KvCache,
+        slot_range: tuple[int, int], span: int,
+    ) -> torch.Tensor:
+        """One new token per sequence; returns next-token logits [B, V].
+
+        tokens, positions, slots [B]. Each token's K/V is written at (slot, position), then
+        attention runs over the cache rows slot_range = [lo, hi) as a view, not a gathered
+        copy (copying every sequence's K/V each step cost more than the attention itself).
+        Rows in the range that are not in the batch compute a throwaway result; the slot
+        pool hands out the lowest free slots, so the range stays close to the batch.
+        span = max(positions) + 1.
+        """
+        lo, hi = slot_range
+        rows = slots - lo  # [B] row of each sequence inside the range
+        n = hi - lo
+        cos, sin = self._rope(positions[:, None])
+        row_pos = torch.zeros(n, dtype=positions.dtype, device=positions.device).index_copy_(0, rows, positions)
         keys = torch.arange(span, device=tokens.device)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, span]
+        mask = (keys[None, :] <= row_pos[:, None])[:, None, None, :]  # [n, 1, 1, span]
         h = self.embed_tokens(tokens[:, None])  # [B, 1, hidden]
         for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = layer.self_attn.project(x, cos, sin)
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)  # q [B, H, 1, D]
             cache.k[i][slots, :, positions] = k[:, :, 0]
             cache.v[i][slots, :, positions] = v[:, :, 0]
-            k_all = cache.k[i][slots, :, :span]  # [B, KVH, span, D]
-            v_all = cache.v[i][slots, :, :span]
-            h = h + layer.self_attn.attend(q, k_all, v_all, mask)
+            q_rows = q.new_zeros(n, *q.shape[1:]).index_copy_(0, rows, q)  # [n, H, 1, D]
+            k_rows = cache.k[i][lo:hi, :, :span]  # [n, KVH, span, D], a view
+            v_rows = cache.v[i][lo:hi, :, :span]
+            out = F.scaled_dot_product_attention(q_rows, k_rows, v_rows, attn_mask=mask, enable_gqa=attn.num_kv_heads != attn.num_heads)
+            out = out[rows].transpose(1, 2).reshape(h.shape[0], 1, -1)  # [B, 1, H*D]
+            h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self._logits(h[:, 0])
