@@ -180,6 +180,8 @@ class KvReceiver:
         if self.transport == SHM:
             raw = self._shm.view(chunk.shm_offset, chunk.nbytes)
         else:
+            if len(chunk.data) != chunk.nbytes:
+                raise ValueError(f"KV chunk carries {len(chunk.data)} bytes but declares {chunk.nbytes}")
             raw = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
         dtype = DTYPES[self.layout.dtype]
         for i in range(n):

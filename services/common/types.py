@@ -13,9 +13,12 @@ class FinishReason:
     ABORT = "abort"  # cancelled by the client or by a drain
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick the next token. temperature == 0 means greedy.
+    """How to pick the next token. temperature 0 (or below MIN_TEMPERATURE) means greedy.
 
     `seed` fixes the random stream: token i of a request is drawn from a generator
     seeded with (seed, i), so a seeded request gives the same tokens whatever batch
@@ -32,7 +35,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows float32; the limit of
+        # sampling as the temperature goes to 0 is greedy anyway.
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -69,8 +69,12 @@ class OpenAIApi:
         return web.json_response({"status": "ok" if ready else "no_workers", "workers": workers}, status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        for stage, ws in self.gw.pipeline.workers.items():
-            self.gw.metrics.workers.labels(stage).set(len(ws))
+        m, p = self.gw.metrics, self.gw.pipeline
+        for stage, ws in p.workers.items():
+            m.workers.labels(stage).set(len(ws))
+        m.stage_requests.labels("queued").set(p.queued)
+        m.stage_requests.labels("decoding").set(p.decoding)
+        m.queued_prompt_tokens.set(p.queued_tokens)
         return web.Response(body=generate_latest(self.gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -17,4 +17,6 @@ class GatewayMetrics:
         self.in_flight = Gauge("elastune_gateway_requests_in_flight", "Requests being served", registry=r)
         self.ttft = Histogram("elastune_gateway_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram("elastune_gateway_e2e_seconds", "End-to-end request latency", buckets=LATENCY_BUCKETS, registry=r)
+        self.stage_requests = Gauge("elastune_gateway_stage_requests", "Requests waiting for a first token (queued) or streaming (decoding)", ["stage"], registry=r)
+        self.queued_prompt_tokens = Gauge("elastune_gateway_queued_prompt_tokens", "Prompt tokens of requests waiting for a first token", registry=r)
         self.workers = Gauge("elastune_gateway_workers", "Live workers seen in the store", ["stage"], registry=r)

@@ -54,6 +54,11 @@ class Pipeline:
         self.retry_after_s = retry_after_s
         self.workers: dict[str, list[LoadReport]] = {"prefill": [], "decode": []}
         self.open_requests: Counter[str] = Counter()
+        # per-stage accounting: requests (and their prompt tokens) waiting for a first
+        # token (in prefill or decode admission), and requests streaming from decode
+        self.queued = 0
+        self.queued_tokens = 0
+        self.decoding = 0
         self._suspect: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task | None = None
@@ -92,6 +97,28 @@ class Pipeline:
         return pick(self.workers[stage], self.open_requests, exclude | self._suspect.keys())
 
     async def stream(self, req: GenerationRequest, timeout_s: float) -> AsyncIterator[TokenEvent]:
+        prompt_tokens = len(req.prompt_token_ids)
+        self.queued += 1
+        self.queued_tokens += prompt_tokens
+        queued = True
+        inner = self._stream(req, timeout_s)
+        try:
+            async for event in inner:
+                if queued:
+                    queued = False
+                    self.queued -= 1
+                    self.queued_tokens -= prompt_tokens
+                    self.decoding += 1
+                yield event
+        finally:
+            await inner.aclose()  # cancels the decode call now, not when the generator is collected
+            if queued:
+                self.queued -= 1
+                self.queued_tokens -= prompt_tokens
+            else:
+                self.decoding -= 1
+
+    async def _stream(self, req: GenerationRequest, timeout_s: float) -> AsyncIterator[TokenEvent]:
         deadline = time.time() + timeout_s
         tried: set[str] = set()
         failure: PipelineError | None = None

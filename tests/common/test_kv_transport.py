@@ -1,0 +1,221 @@
+"""Prompt KV transport (services/common/kv_transport.py): gRPC bytes and shared-memory files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common import kv_transport as kt
+from services.common.kv_transport import GRPC, SHM, KvLayout, KvReceiver, ShmFile, host_id, layout_of, send_chunks
+from services.proto import inference_pb2 as pb
+
+NUM_LAYERS = 5
+
+
+def _layers(dtype: torch.dtype, t: int = 9, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(2, 3, t, 8, generator=g) * (i + 1)).to(dtype) for i in range(NUM_LAYERS)]
+
+
+def _receive(layers, transport, chunks, shm=None):
+    """Run the decode side over the chunk messages; return the chunks and copies of the layers."""
+    layout = KvLayout.from_proto(layout_of(layers).to_proto())  # as carried in PrefillHead
+    receiver = KvReceiver(layout, transport, shm)
+    got, messages = {}, []
+    for chunk in chunks:
+        messages.append(chunk)
+        for index, tensor in receiver.layers(chunk):
+            got[index] = tensor.clone()  # valid only until the next call
+    assert receiver.complete
+    return messages, [got[i] for i in range(len(layers))]
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Two layers per chunk for the 2x3x9x8 layers above, whatever their dtype."""
+
+    def set_for(layers):
+        monkeypatch.setattr(kt, "MAX_CHUNK_BYTES", 2 * layout_of(layers).layer_bytes + 1)
+
+    return set_for
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target", ["none", "other_host"])
+def test_grpc_round_trip(dtype, target, small_chunks):
+    layers = _layers(dtype)
+    small_chunks(layers)
+    if target == "none":
+        kv_target = None
+    else:
+        kv_target = pb.KvTarget(host_id="another-host/boot", shm_path="/nonexistent", shm_bytes=1 << 30)
+    transport, chunks = send_chunks(layers, kv_target)
+    assert transport == GRPC
+    messages, got = _receive(layers, transport, chunks)
+    assert [(m.layer_start, m.layer_end) for m in messages] == [(0, 2), (2, 4), (4, 5)]
+    assert all(len(m.data) == m.nbytes > 0 for m in messages)
+    for a, b in zip(got, layers):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shm_round_trip(dtype, small_chunks):
+    layers = _layers(dtype, seed=1)
+    small_chunks(layers)
+    layout = layout_of(layers)
+    shm = ShmFile.create(layout.total_bytes, tag="test")
+    try:
+        target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path), shm_bytes=shm.size)
+        transport, chunks = send_chunks(layers, target)
+        assert transport == SHM
+        messages, got = _receive(layers, transport, chunks, shm)
+        assert [(m.layer_start, m.layer_end) for m in messages] == [(0, 2), (2, 4), (4, 5)]
+        assert [m.shm_offset for m in messages] == [0, 2 * layout.layer_bytes, 4 * layout.layer_bytes]
+        assert all(m.data == b"" for m in messages)  # only offsets travel
+        for a, b in zip(got, layers):
+            assert a.dtype == dtype
+            assert torch.equal(a, b)
+    finally:
+        shm.unlink()
+
+
+def test_layer_larger_than_chunk_limit_travels_alone(monkeypatch):
+    layers = _layers(torch.float32)
+    monkeypatch.setattr(kt, "MAX_CHUNK_BYTES", 16)
+    transport, chunks = send_chunks(layers, None)
+    messages, got = _receive(layers, transport, chunks)
+    assert [(m.layer_start, m.layer_end) for m in messages] == [(i, i + 1) for i in range(NUM_LAYERS)]
+    assert all(torch.equal(a, b) for a, b in zip(got, layers))
+
+
+def test_default_limit_sends_small_kv_in_one_chunk():
+    layers = _layers(torch.float32)
+    _, chunks = send_chunks(layers, None)
+    messages = list(chunks)
+    assert [(m.layer_start, m.layer_end) for m in messages] == [(0, NUM_LAYERS)]
+
+
+def test_non_contiguous_layers_round_trip():
+    layers = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in _layers(torch.float32)]
+    assert not layers[0].is_contiguous()
+    transport, chunks = send_chunks(layers, None)
+    _, got = _receive(layers, transport, chunks)
+    assert all(torch.equal(a, b) for a, b in zip(got, layers))
+
+
+def test_shm_target_too_small_falls_back_to_grpc():
+    layers = _layers(torch.float32)
+    layout = layout_of(layers)
+    shm = ShmFile.create(layout.total_bytes - 1, tag="test")
+    try:
+        target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path), shm_bytes=shm.size)
+        transport, chunks = send_chunks(layers, target)
+        assert transport == GRPC
+        _, got = _receive(layers, transport, chunks)
+        assert all(torch.equal(a, b) for a, b in zip(got, layers))
+    finally:
+        shm.unlink()
+
+
+def test_shm_target_missing_file_falls_back_to_grpc(tmp_path):
+    layers = _layers(torch.float32)
+    target = pb.KvTarget(host_id=host_id(), shm_path=str(tmp_path / "gone"), shm_bytes=1 << 20)
+    transport, _ = send_chunks(layers, target)
+    assert transport == GRPC
+
+
+def _chunks(layers, monkeypatch):
+    monkeypatch.setattr(kt, "MAX_CHUNK_BYTES", 2 * layout_of(layers).layer_bytes)
+    _, chunks = send_chunks(layers, None)
+    return list(chunks)
+
+
+def test_out_of_order_chunk_raises(monkeypatch):
+    layers = _layers(torch.float32)
+    first, second, third = _chunks(layers, monkeypatch)
+    receiver = KvReceiver(layout_of(layers), GRPC, None)
+    with pytest.raises(ValueError):
+        list(receiver.layers(second))
+    list(receiver.layers(first))
+    with pytest.raises(ValueError):
+        list(receiver.layers(first))  # a repeated chunk is out of order too
+    with pytest.raises(ValueError):
+        list(receiver.layers(third))
+    list(receiver.layers(second))
+    list(receiver.layers(third))
+    assert receiver.complete
+
+
+def test_chunk_past_last_layer_raises(monkeypatch):
+    layers = _layers(torch.float32)
+    chunks = _chunks(layers, monkeypatch)
+    receiver = KvReceiver(layout_of(layers), GRPC, None)
+    list(receiver.layers(chunks[0]))
+    list(receiver.layers(chunks[1]))
+    bad = pb.KvChunk(layer_start=4, layer_end=6, data=chunks[2].data * 2, nbytes=2 * chunks[2].nbytes)
+    with pytest.raises(ValueError):
+        list(receiver.layers(bad))
+    assert not receiver.complete
+
+
+def test_wrong_nbytes_raises(monkeypatch):
+    layers = _layers(torch.float32)
+    first = _chunks(layers, monkeypatch)[0]
+    receiver = KvReceiver(layout_of(layers), GRPC, None)
+    bad = pb.KvChunk()
+    bad.CopyFrom(first)
+    bad.nbytes = first.nbytes - 4
+    with pytest.raises(ValueError):
+        list(receiver.layers(bad))
+    assert receiver.received_layers == 0
+    assert len(list(receiver.layers(first))) == 2
+
+
+def test_shm_transport_without_file_raises():
+    layers = _layers(torch.float32)
+    with pytest.raises(ValueError):
+        KvReceiver(layout_of(layers), SHM, None)
+
+
+def test_layout_rejects_unknown_dtype():
+    with pytest.raises(ValueError, match="int8"):
+        KvLayout.from_proto(pb.KvLayout(dtype="int8", layer_shape=[2, 1, 1, 1], num_layers=1))
+
+
+def test_layout_bytes():
+    layout = layout_of(_layers(torch.bfloat16))
+    assert layout.layer_shape == (2, 3, 9, 8)
+    assert layout.layer_bytes == 2 * 3 * 9 * 8 * 2
+    assert layout.total_bytes == NUM_LAYERS * layout.layer_bytes
+
+
+def test_shm_unlink_removes_file():
+    shm = ShmFile.create(4096, tag="test")
+    assert shm.path.is_file()
+    assert shm.path.stat().st_size == 4096
+    view = shm.view(0, 16)
+    view.fill_(3)
+    del view
+    shm.unlink()
+    assert not shm.path.exists()
+    shm.unlink()  # idempotent
+
+
+def test_shm_file_opened_smaller_than_asked_raises():
+    shm = ShmFile.create(100, tag="test")
+    try:
+        with pytest.raises(ValueError):
+            ShmFile(shm.path, 200, create=False)
+    finally:
+        shm.unlink()
+
+
+def test_grpc_chunk_with_short_data_raises_value_error():
+    layers = _layers(torch.float32)
+    _, chunks = send_chunks(layers, None)
+    whole = next(iter(chunks))
+    truncated = pb.KvChunk(layer_start=0, layer_end=NUM_LAYERS, data=whole.data[:-8], nbytes=whole.nbytes)
+    receiver = KvReceiver(layout_of(layers), GRPC, None)
+    with pytest.raises(ValueError):
+        list(receiver.layers(truncated))

@@ -1,0 +1,143 @@
+"""Slot bookkeeping (SlotPool) and prompt placement (KvCache) in services/engine/kv_cache.py."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from services.engine.kv_cache import KvCache, SlotPool
+from services.engine.model_config import ModelConfig
+
+
+def test_allocate_until_exhausted():
+    pool = SlotPool(4, slot_tokens=32)
+    got = [pool.allocate() for _ in range(4)]
+    assert sorted(got) == [0, 1, 2, 3]
+    assert pool.used == 4
+    assert pool.allocate() is None
+    assert pool.allocate() is None
+    assert pool.used == 4
+    assert pool.capacity_tokens == 4 * 32
+
+
+def test_free_returns_capacity():
+    pool = SlotPool(3, slot_tokens=8)
+    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    pool.free(b)
+    assert pool.used == 2
+    assert pool.allocate() == b
+    assert pool.allocate() is None
+    for s in (a, b, c):
+        pool.free(s)
+    assert pool.used == 0
+    assert sorted(pool.allocate() for _ in range(3)) == [0, 1, 2]
+
+
+def test_double_free_raises():
+    pool = SlotPool(2, slot_tokens=8)
+    slot = pool.allocate()
+    pool.free(slot)
+    with pytest.raises(ValueError):
+        pool.free(slot)
+    assert pool.used == 0
+    with pytest.raises(ValueError):
+        pool.free(1)  # never allocated
+    assert sorted(pool.allocate() for _ in range(2)) == [0, 1]  # the free list was not corrupted
+    assert pool.allocate() is None
+
+
+@pytest.mark.parametrize("slot", [-1, 2, 100])
+def test_out_of_range_free_raises(slot):
+    pool = SlotPool(2, slot_tokens=8)
+    pool.allocate()
+    pool.allocate()
+    with pytest.raises(ValueError):
+        pool.free(slot)
+    assert pool.used == 2
+    assert pool.allocate() is None
+
+
+def test_two_threads_keep_invariants():
+    pool = SlotPool(3, slot_tokens=8)
+    held: set[int] = set()
+    check = threading.Lock()
+    errors: list[str] = []
+    allocated = [0, 0]
+
+    def worker(n: int) -> None:
+        mine: list[int] = []
+        for i in range(10_000):
+            if len(mine) < 2 and i % 3 != 2:
+                slot = pool.allocate()
+                if slot is None:
+                    continue
+                with check:
+                    if slot in held or not 0 <= slot < 3:
+                        errors.append(f"slot {slot} handed out twice")
+                    held.add(slot)
+                mine.append(slot)
+                allocated[n] += 1
+            elif mine:
+                slot = mine.pop(0)
+                with check:
+                    held.discard(slot)
+                pool.free(slot)
+        for slot in mine:
+            with check:
+                held.discard(slot)
+            pool.free(slot)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    assert all(a > 1000 for a in allocated)
+    assert pool.used == 0
+    assert sorted(pool.allocate() for _ in range(3)) == [0, 1, 2]
+    assert pool.allocate() is None
+
+
+def _config() -> ModelConfig:
+    return ModelConfig.from_dict({
+        "model_type": "llama", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 32,
+    })
+
+
+def test_cache_shape():
+    cfg = _config()
+    cache = KvCache(cfg, num_slots=4, slot_tokens=10, dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert len(cache.k) == len(cache.v) == 3
+    for t in cache.k + cache.v:
+        assert t.shape == (4, 2, 10, 4)
+        assert t.dtype == torch.bfloat16
+
+
+def test_write_prompt_touches_only_its_slot_and_positions():
+    cfg = _config()
+    cache = KvCache(cfg, num_slots=4, slot_tokens=10, dtype=torch.float32, device=torch.device("cpu"))
+    for t in cache.k + cache.v:
+        t.fill_(-7.0)
+    before_k = [t.clone() for t in cache.k]
+    before_v = [t.clone() for t in cache.v]
+    kv = torch.randn(2, 2, 6, 4)
+    cache.write_prompt(slot=2, layer=1, kv=kv)
+    assert torch.equal(cache.k[1][2, :, :6], kv[0])
+    assert torch.equal(cache.v[1][2, :, :6], kv[1])
+    # everything else is as it was: other slots, positions >= T, other layers
+    expect_k = [t.clone() for t in before_k]
+    expect_v = [t.clone() for t in before_v]
+    expect_k[1][2, :, :6] = kv[0]
+    expect_v[1][2, :, :6] = kv[1]
+    for layer in range(3):
+        assert torch.equal(cache.k[layer], expect_k[layer]), layer
+        assert torch.equal(cache.v[layer], expect_v[layer]), layer
+    # a later, shorter prompt in the same slot overwrites only its own prefix
+    short = torch.randn(2, 2, 2, 4)
+    cache.write_prompt(slot=2, layer=1, kv=short)
+    assert torch.equal(cache.k[1][2, :, :2], short[0])
+    assert torch.equal(cache.k[1][2, :, 2:6], kv[0][:, 2:])
