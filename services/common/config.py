@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar, get_type_hints
 
 T = TypeVar("T")
@@ -88,9 +88,3 @@ class WorkerConfig:
         host = self.advertise_host or (socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host)
         return f"{host}:{port}"
 
-
-def updated(config: T, **changes: Any) -> T:
-    return replace(config, **changes)
-
-
-__all__ = ["WorkerConfig", "from_env", "updated", "MISSING"]
