@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from contextlib import aclosing
 
 import grpc
 import structlog
@@ -162,8 +163,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             remote = request.prefill_address and len(prompt) >= w.runtime.local_prefill_threshold
             if remote:
                 first = None
-                async for first in self._remote_prefill(request, prompt, params, seed, slot, timings):
-                    yield pb.TokenChunk(token_ids=[first], timings=timings)
+                # aclosing: if the client goes away mid-transfer, the prefill call and the
+                # shared-memory file are released now, not when the generator is collected
+                async with aclosing(self._remote_prefill(request, prompt, params, seed, slot, timings)) as firsts:
+                    async for first in firsts:
+                        yield pb.TokenChunk(token_ids=[first], timings=timings)
             else:
                 first = await self._local_prefill(prompt, params, seed, slot, timings)
                 yield pb.TokenChunk(token_ids=[first], timings=timings)

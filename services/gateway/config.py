@@ -16,6 +16,8 @@ class GatewayConfig:
     store_prefix: str = "elastune"
     max_tokens_limit: int = 2048  # upper bound a request may ask for
     default_timeout_s: float = 300.0  # end-to-end limit per request
+    report_interval_s: float = 1.0  # how often the gateway publishes its own load report
+    heartbeat_ttl_s: float = 3.0
     refresh_s: float = 0.25  # how often the worker directory is re-read from the store
     retries: int = 3  # other workers tried when one fails before the first token
     overload_retry_after_s: float = 1.0  # Retry-After sent with 429 / 503

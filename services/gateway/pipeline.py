@@ -19,6 +19,7 @@ from ..common.convert import sampling_to_proto
 from ..common.load_report import LoadReport
 from ..common.registry import WorkerDirectory
 from ..common.server import GRPC_OPTIONS
+from ..common.stats import RateWindow
 from ..common.tasks import spawn
 from ..common.types import GenerationRequest
 from ..proto import inference_pb2 as pb
@@ -59,6 +60,8 @@ class Pipeline:
         self.queued = 0
         self.queued_tokens = 0
         self.decoding = 0
+        self.prompt_tokens_in = RateWindow()  # arrivals, for the scaler's token-rate signal
+        self.tokens_out = RateWindow()
         self._suspect: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task | None = None
@@ -98,6 +101,7 @@ class Pipeline:
 
     async def stream(self, req: GenerationRequest, timeout_s: float) -> AsyncIterator[TokenEvent]:
         prompt_tokens = len(req.prompt_token_ids)
+        self.prompt_tokens_in.add(prompt_tokens)
         self.queued += 1
         self.queued_tokens += prompt_tokens
         queued = True
@@ -109,6 +113,7 @@ class Pipeline:
                     self.queued -= 1
                     self.queued_tokens -= prompt_tokens
                     self.decoding += 1
+                self.tokens_out.add(len(event.token_ids))
                 yield event
         finally:
             await inner.aclose()  # cancels the decode call now, not when the generator is collected

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import grpc
 import structlog
 from aiohttp import web
 
-from ..common.registry import WorkerDirectory
+from ..common.kv_transport import host_id
+from ..common.load_report import LoadReport
+from ..common.registry import WorkerDirectory, WorkerRegistration
 from ..common.server import GrpcService
 from ..common.store import connect
 from ..engine.model_config import ModelConfig
@@ -39,6 +42,8 @@ class Gateway(GrpcService):
         self.http_port = 0
         self._runner: web.AppRunner | None = None
         self._store = None
+        self._registration: WorkerRegistration | None = None
+        self.gateway_id = f"gateway-{uuid.uuid4().hex[:8]}"
 
     @staticmethod
     def now() -> int:
@@ -63,6 +68,29 @@ class Gateway(GrpcService):
         )
         await self.pipeline.start()
         await super().start()
+        self._registration = WorkerRegistration(
+            self._store, self.config.store_prefix, self.load_report, self.config.report_interval_s,
+            self.config.heartbeat_ttl_s,
+        )
+        await self._registration.start()
+
+    def load_report(self) -> LoadReport:
+        """The gateway's view for the scaler: work waiting for a first token (needs prefill and
+        decode capacity, even when a stage has no worker yet) and work streaming from decode."""
+        p = self.pipeline
+        return LoadReport(
+            worker_id=self.gateway_id,
+            stage="gateway",
+            address=f"{self.config.host}:{self.port}",
+            host_id=host_id(),
+            model=self.model_name,
+            timestamp_unix=time.time(),
+            queue_len=p.queued,
+            queued_tokens=p.queued_tokens,
+            running_seqs=p.decoding,
+            prompt_tokens_per_s=p.prompt_tokens_in.rate(),
+            output_tokens_per_s=p.tokens_out.rate(),
+        )
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(self), server)
@@ -78,6 +106,8 @@ class Gateway(GrpcService):
         log.info("gateway.http_started", url=f"http://{self.config.host}:{self.http_port}/v1")
 
     async def on_stop(self) -> None:
+        if self._registration is not None:
+            await self._registration.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.pipeline.stop()

@@ -58,3 +58,15 @@ async def test_stage_accounting_returns_to_zero(stack):
     await generate(stack.grpc_address, pb.GenerateRequest(prompt="count", sampling=pb.SamplingParams(max_tokens=3)))
     assert (pipeline.queued, pipeline.queued_tokens, pipeline.decoding) == (0, 0, 0)
     assert not pipeline.open_requests
+
+
+async def test_gateway_publishes_its_load_report(stack):
+    from services.common.registry import WorkerDirectory
+
+    await generate(stack.grpc_address, pb.GenerateRequest(prompt="rate me", sampling=pb.SamplingParams(max_tokens=5)))
+    directory = WorkerDirectory(stack.gateway._store, stack.gateway.config.store_prefix)
+    await stack.gateway._registration.publish()
+    (report,) = await directory.workers("gateway")
+    assert report.worker_id == stack.gateway.gateway_id
+    assert report.queue_len == 0 and report.running_seqs == 0
+    assert report.prompt_tokens_per_s > 0 and report.output_tokens_per_s > 0
