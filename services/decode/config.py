@@ -14,6 +14,8 @@ class DecodeConfig(WorkerConfig):
     max_batch_size: int = 64  # sequences per decode step; more running ones take turns
     max_waiting: int = 256  # requests waiting for a slot beyond which new ones get RESOURCE_EXHAUSTED
     local_prefill_threshold: int = 0  # prompts shorter than this are prefilled here, not remotely
+    migrate_on_drain: bool = True  # SIGTERM / Admin.Drain: hand running sequences to peers
+    adopt_timeout_s: float = 30.0  # an adopted sequence nobody resumes within this is aborted
     kv_transport: str = "auto"  # auto: shared memory with a prefill worker on this host, else gRPC bytes; grpc: always bytes
 
     def validate(self) -> None:

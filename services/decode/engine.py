@@ -42,7 +42,8 @@ class DecodeEngine:
         self.step_ms = LatencyWindow()
         self.tokens_out = RateWindow()
         self.steps: deque[tuple[float, int, int, float]] = deque(maxlen=4096)  # (time, batch, context, ms)
-        self._jobs: deque[tuple[Future, list[int], SamplingParams, int]] = deque()
+        self._detaching: dict[int, tuple[Sequence, asyncio.Future]] = {}  # id(seq) -> waiter
+        self._jobs: deque[tuple[Future, list[int], SamplingParams, int, int]] = deque()
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
@@ -68,10 +69,24 @@ class DecodeEngine:
         self.scheduler.abort(seq)
         self._wakeup.set()
 
-    def prefill(self, prompt: list[int], params: SamplingParams, seed: int) -> "asyncio.Future[PrefillOutput]":
+    def detach(self, seq: Sequence) -> "asyncio.Future[bool]":
+        """Take a running sequence out of the batch, keeping its slot and KV. The future says
+        True once it is out, False if it finished or was aborted first."""
+        fut = self.loop.create_future()
+        self._detaching[id(seq)] = (seq, fut)
+        self.scheduler.detach(seq)
+        self._wakeup.set()
+        return fut
+
+    def _settle_detach(self, seq: Sequence, detached: bool) -> None:
+        waiter = self._detaching.pop(id(seq), None)
+        if waiter is not None:
+            self.loop.call_soon_threadsafe(_resolve, waiter[1], detached)
+
+    def prefill(self, prompt: list[int], params: SamplingParams, seed: int, offset: int = 0) -> "asyncio.Future[PrefillOutput]":
         """Prefill a prompt on this worker, between decode steps."""
         fut: Future = Future()
-        self._jobs.append((fut, prompt, params, seed))
+        self._jobs.append((fut, prompt, params, seed, offset))
         self._wakeup.set()
         return asyncio.wrap_future(fut, loop=self.loop)
 
@@ -102,6 +117,9 @@ class DecodeEngine:
         batch, released = self.scheduler.schedule()
         for seq in released:
             self.free_slot(seq.slot)
+            self._settle_detach(seq, False)
+        for seq in self.scheduler.detached:
+            self._settle_detach(seq, True)
         if not batch:
             return bool(released)
         start = time.perf_counter()
@@ -122,7 +140,7 @@ class DecodeEngine:
         logits = self.runner.model.decode(
             tokens, positions, slots, self.cache, (min(slot_ids), max(slot_ids) + 1), span
         )  # [B, V]
-        return sample(logits, [s.params for s in batch], [s.seed for s in batch], [s.generated for s in batch])
+        return sample(logits, [s.params for s in batch], [s.seed for s in batch], [s.sample_index for s in batch])
 
     def _postprocess(self, batch: list[Sequence], tokens: list[int]) -> None:
         deliveries, finished = [], []
@@ -135,16 +153,17 @@ class DecodeEngine:
         self.scheduler.finish(finished)
         for seq in finished:
             self.free_slot(seq.slot)
+            self._settle_detach(seq, False)
         self.tokens_out.add(len(batch))
         self.loop.call_soon_threadsafe(_deliver, deliveries)
 
     def _run_prefill_jobs(self) -> None:
         while self._jobs:
-            fut, prompt, params, seed = self._jobs.popleft()
+            fut, prompt, params, seed, offset = self._jobs.popleft()
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self.runner.prefill([prompt], [params], [seed])[0])
+                fut.set_result(self.runner.prefill([prompt], [params], [seed], [offset])[0])
             except Exception as exc:
                 fut.set_exception(exc)
 
@@ -154,6 +173,11 @@ class DecodeEngine:
         for seq in failed:
             self.free_slot(seq.slot)
         self.loop.call_soon_threadsafe(_deliver, [(s.outbox, None, "error") for s in failed])
+
+
+def _resolve(fut: asyncio.Future, value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def _deliver(deliveries) -> None:

@@ -18,13 +18,20 @@ class Sequence:
     seed: int
     eos_ids: frozenset[int]
     max_len: int  # the slot's capacity in tokens
-    outbox: Any = field(default=None, repr=False)  # asyncio.Queue of (tokens, finish_reason)
+    sampling_offset: int = 0  # output index of tokens[prompt_len] in the client's request
+    outbox: Any = field(default=None, repr=False)  # asyncio.Queue of (token, finish_reason)
     aborted: bool = False
+    detach_requested: bool = False  # leave the running batch but keep the slot (migration)
     finish_reason: str | None = None
 
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    @property
+    def sample_index(self) -> int:
+        """Output index (in the client's request) of the token the next step samples."""
+        return self.sampling_offset + self.generated
 
     @property
     def position(self) -> int:

@@ -13,6 +13,8 @@ import structlog
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_transport import KvLayout, KvReceiver, ShmFile, host_id
+from ..common.registry import WorkerDirectory
+from ..common.tasks import spawn
 from ..common.runtime_config import RuntimeConfig
 from ..common.server import GRPC_OPTIONS
 from ..common.types import FinishReason
@@ -21,6 +23,7 @@ from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .config import DecodeConfig
 from .engine import DecodeEngine
+from .migration import MIGRATED, Migrations
 from .sequence import Sequence
 
 log = structlog.get_logger(__name__)
@@ -47,6 +50,9 @@ class DecodeWorker(Worker):
         self._waiting: dict[object, int] = {}  # waiter -> prompt tokens, for the load report
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.kv_sources: Counter[str] = Counter()  # where prompt KV came from: shm, grpc, local
+        self.sequences: set[Sequence] = set()  # streaming to a client through this worker
+        self.migrations = Migrations(self, config.adopt_timeout_s)
+        self._expiry_task: asyncio.Task | None = None
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_DecodeServicer_to_server(DecodeServicer(self), server)
@@ -58,7 +64,13 @@ class DecodeWorker(Worker):
         self.engine = DecodeEngine(self.runner, cfg.kv_slots, self.runtime.max_batch_size, asyncio.get_running_loop())
         self.engine.on_slot_freed = self._notify_slot_freed
         self.engine.start()
+        self._expiry_task = spawn(self._expire_parked(), name="decode.adopt_expiry")
         await super().on_start()
+
+    async def _expire_parked(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.migrations.expire()
 
     def apply_config(self, runtime: RuntimeConfig) -> None:
         runtime.validate(slots=self.config.kv_slots)
@@ -116,14 +128,30 @@ class DecodeWorker(Worker):
         )
 
     async def drain(self, grace_s: float) -> None:
-        """Take no new requests; let running sequences finish (migration comes with the scaler issue)."""
+        """Take no new requests; hand running sequences to other decode workers (those that
+        cannot move finish here); return when no slot is in use."""
         await self.begin_drain()
         async with self._slot_freed:
             self._slot_freed.notify_all()
         while self.engine.slots.used:
+            peers = await self._peers()
+            if peers and self.config.migrate_on_drain:
+                await self.migrations.migrate_all(peers)
             await asyncio.sleep(0.05)
 
+    async def _peers(self) -> list:
+        if self._store is None:
+            return []
+        try:
+            workers = await WorkerDirectory(self._store, self.config.store_prefix).workers(self.stage)
+        except Exception as exc:  # store down: finish locally
+            log.warning("decode.peers_unavailable", error=str(exc)[:200])
+            return []
+        return [w for w in workers if w.worker_id != self.config.worker_id and not w.draining]
+
     async def on_stop(self) -> None:
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
         if self.engine is not None:
             self.engine.stop()
         for ch in self._channels.values():
@@ -147,6 +175,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         if w.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining; retry on another worker")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
+        offset = request.sampling_offset
         timings = pb.StageTimings()
         start = time.monotonic()
         try:
@@ -165,15 +194,16 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 first = None
                 # aclosing: if the client goes away mid-transfer, the prefill call and the
                 # shared-memory file are released now, not when the generator is collected
-                async with aclosing(self._remote_prefill(request, prompt, params, seed, slot, timings)) as firsts:
+                prefill = self._remote_prefill(request, prompt, params, seed, offset, slot, timings)
+                async with aclosing(prefill) as firsts:
                     async for first in firsts:
                         yield pb.TokenChunk(token_ids=[first], timings=timings)
             else:
-                first = await self._local_prefill(prompt, params, seed, slot, timings)
+                first = await self._local_prefill(prompt, params, seed, offset, slot, timings)
                 yield pb.TokenChunk(token_ids=[first], timings=timings)
             seq = Sequence(
                 request.request_id, slot, prompt + [first], len(prompt), params, seed,
-                frozenset(cfg.eos_token_ids), w.engine.slot_tokens, outbox=asyncio.Queue(),
+                frozenset(cfg.eos_token_ids), w.engine.slot_tokens, sampling_offset=offset, outbox=asyncio.Queue(),
             )
             seq.finish_reason = seq.finish_for(first)
             if seq.finish_reason:
@@ -181,38 +211,68 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 yield pb.TokenChunk(finish_reason=seq.finish_reason, timings=timings)
                 return
             w.engine.add(seq)
-            async for chunk in self._stream(seq, context):
-                yield chunk
+            async with aclosing(self._stream(seq, context)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             if seq is None:
                 w.engine.free_slot(slot)
-            elif not seq.finish_reason:
-                w.engine.abort(seq)  # the engine releases the slot at its next step
 
     async def _stream(self, seq: Sequence, context):
-        while True:
-            token, finish = await seq.outbox.get()
-            tokens = [token]
-            while not finish and not seq.outbox.empty():  # coalesce what the engine already made
-                token, finish = seq.outbox.get_nowait()
-                tokens.append(token)
-            if finish == "error":
-                seq.finish_reason = FinishReason.ABORT
-                await context.abort(grpc.StatusCode.INTERNAL, "decode step failed; see the worker's log")
-            yield pb.TokenChunk(token_ids=[t for t in tokens if t is not None], finish_reason=finish or "")
-            if finish:
-                return
+        """Stream a running sequence's tokens; abort it if the client goes away."""
+        w = self.worker
+        w.sequences.add(seq)
+        try:
+            while True:
+                token, finish = await seq.outbox.get()
+                tokens = [token]
+                while not finish and not seq.outbox.empty():  # coalesce what the engine already made
+                    token, finish = seq.outbox.get_nowait()
+                    tokens.append(token)
+                if finish == MIGRATED:
+                    address, migration_id = tokens.pop()
+                    yield pb.TokenChunk(token_ids=tokens, migrated_to=address, migration_id=migration_id)
+                    return
+                if finish == "error":
+                    seq.finish_reason = FinishReason.ABORT
+                    await context.abort(grpc.StatusCode.INTERNAL, "decode step failed; see the worker's log")
+                yield pb.TokenChunk(token_ids=[t for t in tokens if t is not None], finish_reason=finish or "")
+                if finish:
+                    return
+        finally:
+            w.sequences.discard(seq)
+            if not seq.finish_reason:
+                w.engine.abort(seq)  # the engine releases the slot at its next step
 
-    async def _local_prefill(self, prompt, params, seed, slot, timings) -> int:
+    async def Adopt(self, request_iterator, context: grpc.aio.ServicerContext):
+        if self.worker.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining")
+        try:
+            migration_id = await self.worker.migrations.adopt(aiter(request_iterator))
+        except BadRequest as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OverflowError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; try another worker")
+        return pb.AdoptResponse(migration_id=migration_id)
+
+    async def Resume(self, request: pb.ResumeRequest, context: grpc.aio.ServicerContext):
+        seq = self.worker.migrations.take(request.migration_id)
+        if seq is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no adopted sequence {request.migration_id!r} (expired?)")
+        async with aclosing(self._stream(seq, context)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _local_prefill(self, prompt, params, seed, offset, slot, timings) -> int:
         start = time.monotonic()
-        out = await self.worker.engine.prefill(prompt, params, seed)
+        out = await self.worker.engine.prefill(prompt, params, seed, offset)
         for layer, kv in enumerate(out.kv):
             self.worker.engine.cache.write_prompt(slot, layer, kv)
         self.worker.kv_sources["local"] += 1
         timings.prefill_compute_ms = (time.monotonic() - start) * 1000
         return out.first_token
 
-    async def _remote_prefill(self, request, prompt, params, seed, slot, timings):
+    async def _remote_prefill(self, request, prompt, params, seed, offset, slot, timings):
         """Yield the first token as soon as it arrives, then adopt the KV into `slot`.
 
         If the prefill worker fails, the prompt is prefilled here instead; the KV is the
@@ -231,7 +291,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             sampling = sampling_to_proto(params)
             sampling.seed = seed  # the prefill worker draws token 0 from the same stream
             call = stub.Prefill(pb.PrefillRequest(
-                request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target
+                request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target,
+                sampling_offset=offset,
             ))
             receiver = None
             kv_start = None
@@ -253,7 +314,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             w.kv_sources[receiver.transport] += 1
         except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
             log.warning("decode.prefill_fallback", request_id=request.request_id, error=str(exc)[:200])
-            local_first = await self._local_prefill(prompt, params, seed, slot, timings)
+            local_first = await self._local_prefill(prompt, params, seed, offset, slot, timings)
             if first is None:
                 first = local_first
                 yield first

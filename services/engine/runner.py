@@ -30,15 +30,20 @@ class ModelRunner:
         self.dtype = self.model.embed_tokens.weight.dtype
 
     def prefill(
-        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], seeds: Sequence[int]
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        offsets: Sequence[int] | None = None,
     ) -> list[PrefillOutput]:
-        """Run prompts as one right-padded micro-batch; sample each prompt's first output token."""
+        """Run prompts as one right-padded micro-batch; sample each prompt's next token, which is
+        output token offsets[i] of its request (0 unless a request resumes elsewhere)."""
         lengths = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         logits, kv = self.model.prefill(tokens.to(self.device), torch.tensor(lengths, device=self.device))
-        first = sample(logits, params, seeds, [0] * len(prompts))
+        first = sample(logits, params, seeds, list(offsets) if offsets is not None else [0] * len(prompts))
         outputs = []
         for i, n in enumerate(lengths):
             # [2, KVH, n, D] per layer, contiguous so it can be shipped as raw bytes

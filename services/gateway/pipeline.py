@@ -7,10 +7,11 @@ never sees a token twice. After that, a failure ends the stream with a clear sta
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import structlog
@@ -60,6 +61,8 @@ class Pipeline:
         self.queued = 0
         self.queued_tokens = 0
         self.decoding = 0
+        self.handovers = 0  # streams continued on the worker a draining one migrated them to
+        self.resumed = 0  # streams re-prefilled elsewhere after their decode worker was lost
         self.prompt_tokens_in = RateWindow()  # arrivals, for the scaler's token-rate signal
         self.tokens_out = RateWindow()
         self._suspect: dict[str, float] = {}
@@ -124,55 +127,96 @@ class Pipeline:
                 self.decoding -= 1
 
     async def _stream(self, req: GenerationRequest, timeout_s: float) -> AsyncIterator[TokenEvent]:
+        """Tokens of one request, across worker changes.
+
+        - Before the first token, a busy or unreachable decode worker is replaced by another.
+        - A draining worker ends its stream with `migrated_to`: the stream goes on with
+          Decode.Resume on the worker that adopted the sequence (KV included).
+        - A worker that dies mid-stream is replaced by another that prefills the prompt plus
+          the tokens already sent and continues from the same sampling index and seed, so
+          nothing is lost or repeated and greedy output is unchanged.
+        """
         deadline = time.time() + timeout_s
+        if req.sampling.seed is None:  # a resumed request must draw from the same stream
+            req = replace(req, sampling=replace(req.sampling, seed=random.getrandbits(63)))
+        sent: list[int] = []
         tried: set[str] = set()
         failure: PipelineError | None = None
-        for _ in range(self.retries + 1):
-            decode = self._pick("decode", tried)
-            if decode is None:
-                break
-            tried.add(decode.worker_id)
-            prefill = self._pick("prefill", set())
-            call = pb_grpc.DecodeStub(self._channel(decode.address)).Generate(
-                pb.DecodeRequest(
-                    request_id=req.request_id,
-                    prompt_token_ids=req.prompt_token_ids,
-                    sampling=sampling_to_proto(req.sampling),
-                    prefill_address=prefill.address if prefill else "",
-                    prefill_host_id=prefill.host_id if prefill else "",
-                    deadline_unix_s=deadline,
-                ),
-                timeout=max(deadline - time.time(), 0.001),
-            )
-            self.open_requests[decode.worker_id] += 1
-            started = False
+        resume: tuple[str, str] | None = None  # (address, migration id) after a hand-over
+        attempts = 0
+        while True:
+            if resume is not None:
+                address, migration_id = resume
+                worker_id = address
+                call = pb_grpc.DecodeStub(self._channel(address)).Resume(
+                    pb.ResumeRequest(migration_id=migration_id), timeout=max(deadline - time.time(), 0.001))
+                resume = None
+            else:
+                if attempts > self.retries:
+                    break
+                attempts += 1
+                decode = self._pick("decode", tried)
+                if decode is None:
+                    break
+                tried.add(decode.worker_id)
+                worker_id, address = decode.worker_id, decode.address
+                call = self._generate_call(decode.address, req, sent, deadline)
+            self.open_requests[worker_id] += 1
             try:
                 async for chunk in call:
-                    started = True
-                    yield TokenEvent(list(chunk.token_ids), chunk.finish_reason or None, chunk.timings)
-                return
+                    sent.extend(chunk.token_ids)
+                    if chunk.token_ids or chunk.finish_reason:
+                        yield TokenEvent(list(chunk.token_ids), chunk.finish_reason or None, chunk.timings)
+                    if chunk.finish_reason:
+                        return
+                    if chunk.migrated_to:
+                        resume = (chunk.migrated_to, chunk.migration_id)
+                        self.handovers += 1
+                if resume is None:
+                    raise PipelineError("failed", f"decode worker {address} ended the stream without finishing")
             except grpc.aio.AioRpcError as exc:
-                failure = self._classify(exc, decode)
-                if started or failure.kind not in ("unavailable", "overloaded"):
+                failure = self._classify(exc, worker_id, address)
+                resumable = ("unavailable", "overloaded") if not sent else ("unavailable", "failed")
+                if failure.kind not in resumable:
                     raise failure from None
+                self.resumed += bool(sent)
+                log.warning("gateway.decode_lost", request_id=req.request_id, worker=address, tokens_sent=len(sent),
+                            error=str(failure)[:200])
             finally:
                 call.cancel()
-                self.open_requests[decode.worker_id] -= 1
-                if self.open_requests[decode.worker_id] <= 0:
-                    del self.open_requests[decode.worker_id]
+                self.open_requests[worker_id] -= 1
+                if self.open_requests[worker_id] <= 0:
+                    del self.open_requests[worker_id]
         if failure is not None:
             raise failure
         raise PipelineError("unavailable", "no decode worker is available; retry later", self.retry_after_s)
 
-    def _classify(self, exc: grpc.aio.AioRpcError, worker: LoadReport) -> PipelineError:
+    def _generate_call(self, address: str, req: GenerationRequest, sent: list[int], deadline: float):
+        """Decode.Generate for the request, continuing after `sent` tokens when resuming."""
+        prefill = self._pick("prefill", set())
+        sampling = sampling_to_proto(replace(req.sampling, max_tokens=req.sampling.max_tokens - len(sent)))
+        return pb_grpc.DecodeStub(self._channel(address)).Generate(
+            pb.DecodeRequest(
+                request_id=req.request_id,
+                prompt_token_ids=list(req.prompt_token_ids) + sent,
+                sampling=sampling,
+                prefill_address=prefill.address if prefill else "",
+                prefill_host_id=prefill.host_id if prefill else "",
+                deadline_unix_s=deadline,
+                sampling_offset=len(sent),
+            ),
+            timeout=max(deadline - time.time(), 0.001),
+        )
+
+    def _classify(self, exc: grpc.aio.AioRpcError, worker_id: str, address: str) -> PipelineError:
         code, detail = exc.code(), exc.details() or ""
-        if code == grpc.StatusCode.UNAVAILABLE:
-            self._suspect[worker.worker_id] = time.monotonic()
-            return PipelineError("unavailable", f"decode worker {worker.address} is unavailable: {detail}", self.retry_after_s)
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            self._suspect[worker_id] = time.monotonic()
+            return PipelineError("unavailable", f"decode worker {address} is unavailable: {detail}", self.retry_after_s)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return PipelineError("overloaded", f"all decode workers are busy: {detail}", self.retry_after_s)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return PipelineError("invalid", detail)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return PipelineError("timeout", "the request did not finish within its timeout")
-        return PipelineError("failed", f"decode worker {worker.address} failed: {code.name}: {detail}")
+        return PipelineError("failed", f"decode worker {address} failed: {code.name}: {detail}")

@@ -24,6 +24,7 @@ class PrefillJob:
     params: SamplingParams
     seed: int
     future: asyncio.Future = field(repr=False)
+    offset: int = 0  # output index of the token sampled here
     enqueued_at: float = field(default_factory=time.monotonic)
     queue_ms: float = 0.0
     compute_ms: float = 0.0
@@ -101,7 +102,9 @@ class PrefillBatcher:
                     job.future.set_result(out)
 
     def _execute(self, batch: list[PrefillJob]) -> list[PrefillOutput]:
-        return self.runner.prefill([j.prompt for j in batch], [j.params for j in batch], [j.seed for j in batch])
+        return self.runner.prefill(
+            [j.prompt for j in batch], [j.params for j in batch], [j.seed for j in batch], [j.offset for j in batch]
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

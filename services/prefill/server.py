@@ -85,7 +85,10 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        job = PrefillJob(request.request_id, prompt, params, seed, asyncio.get_running_loop().create_future())
+        job = PrefillJob(
+            request.request_id, prompt, params, seed, asyncio.get_running_loop().create_future(),
+            offset=request.sampling_offset,
+        )
         try:
             w.batcher.submit(job)
         except QueueFull as exc:

@@ -111,6 +111,16 @@ class DecodeStub:
                 request_serializer=inference__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=inference__pb2.TokenChunk.FromString,
                 _registered_method=True)
+        self.Adopt = channel.stream_unary(
+                '/elastune.v1.Decode/Adopt',
+                request_serializer=inference__pb2.AdoptChunk.SerializeToString,
+                response_deserializer=inference__pb2.AdoptResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/elastune.v1.Decode/Resume',
+                request_serializer=inference__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=inference__pb2.TokenChunk.FromString,
+                _registered_method=True)
 
 
 class DecodeServicer:
@@ -122,12 +132,34 @@ class DecodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Adopt(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=inference__pb2.DecodeRequest.FromString,
+                    response_serializer=inference__pb2.TokenChunk.SerializeToString,
+            ),
+            'Adopt': grpc.stream_unary_rpc_method_handler(
+                    servicer.Adopt,
+                    request_deserializer=inference__pb2.AdoptChunk.FromString,
+                    response_serializer=inference__pb2.AdoptResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=inference__pb2.ResumeRequest.FromString,
                     response_serializer=inference__pb2.TokenChunk.SerializeToString,
             ),
     }
@@ -157,6 +189,60 @@ class Decode:
             target,
             '/elastune.v1.Decode/Generate',
             inference__pb2.DecodeRequest.SerializeToString,
+            inference__pb2.TokenChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Adopt(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/elastune.v1.Decode/Adopt',
+            inference__pb2.AdoptChunk.SerializeToString,
+            inference__pb2.AdoptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/elastune.v1.Decode/Resume',
+            inference__pb2.ResumeRequest.SerializeToString,
             inference__pb2.TokenChunk.FromString,
             options,
             channel_credentials,

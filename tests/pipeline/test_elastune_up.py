@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -51,7 +52,7 @@ def up(tmp_path_factory, tiny_model):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     log = open(tmp_path_factory.mktemp("up") / "up.log", "w+")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_model), "--prefill", "1", "--decode", "2",
+        [sys.executable, "-m", "services.cli", "up", "--model", str(tiny_model), "--prefill", "1", "--decode", "3",
          "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
@@ -98,13 +99,40 @@ def test_openai_client_non_streaming_and_streaming(up):
     assert err.value.body["param"] == "max_tokens"
 
 
+def stream_tokens(client, i: int) -> list[int]:
+    tokens = []
+    for chunk in client.completions.create(
+        model="tiny", prompt=f"stream {i} " * (i + 1), max_tokens=120, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    ):
+        tokens.extend(chunk.choices[0].model_extra["token_ids"])
+    return tokens
+
+
+def test_kill_9_of_a_decode_worker_mid_stream_loses_no_token(up):
+    proc, base = up
+    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with ThreadPoolExecutor(8) as pool:
+        expected = list(pool.map(lambda i: stream_tokens(client, i), range(8)))
+        running = [pool.submit(stream_tokens, client, i) for i in range(8)]
+        time.sleep(0.6)  # every stream is under way
+        os.kill(children(proc.pid, "decode")[0], signal.SIGKILL)
+        got = [f.result(timeout=60) for f in running]
+    assert got == expected
+    assert all(len(t) == 120 for t in got)
+
+
 def test_killed_decode_worker_leaves_routing(up):
     proc, base = up
     client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
     decodes = children(proc.pid, "decode")
-    assert len(decodes) == 2 and health(base)["decode"] == 2
-    os.kill(decodes[0], signal.SIGKILL)
     deadline = time.monotonic() + 8  # heartbeat TTL is 3 s
+    while health(base)["decode"] != len(decodes):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert len(decodes) == 2
+    os.kill(decodes[0], signal.SIGKILL)
+    deadline = time.monotonic() + 8
     while health(base)["decode"] != 1:
         assert time.monotonic() < deadline, "the dead worker is still routed to"
         time.sleep(0.2)
