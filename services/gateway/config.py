@@ -21,6 +21,7 @@ class GatewayConfig:
     refresh_s: float = 0.25  # how often the worker directory is re-read from the store
     retries: int = 3  # other workers tried when one fails before the first token
     overload_retry_after_s: float = 1.0  # Retry-After sent with 429 / 503
+    cold_start_wait_s: float = 0.0  # with no decode worker, hold requests this long for a scale-from-zero
 
     def validate(self) -> None:
         for name in ("http_port", "grpc_port"):

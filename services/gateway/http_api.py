@@ -15,17 +15,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..common.types import GenerationRequest
 from .generation import Delta, RequestStats, generate
-from .openai_protocol import (
-    KIND_CHAT,
-    ApiError,
+from .openai_protocol import KIND_CHAT, ApiError, parse_chat, parse_completion, resolve_max_tokens
+from .openai_responses import (
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
     models_response,
-    parse_chat,
-    parse_completion,
-    resolve_max_tokens,
     usage_chunk,
 )
 from .pipeline import PipelineError

@@ -49,8 +49,12 @@ class TokenEvent:
 
 
 class Pipeline:
-    def __init__(self, directory: WorkerDirectory, refresh_s: float, retries: int, retry_after_s: float):
+    def __init__(
+        self, directory: WorkerDirectory, refresh_s: float, retries: int, retry_after_s: float,
+        cold_start_wait_s: float = 0.0,
+    ):
         self.directory = directory
+        self.cold_start_wait_s = cold_start_wait_s
         self.refresh_s = refresh_s
         self.retries = retries
         self.retry_after_s = retry_after_s
@@ -156,6 +160,8 @@ class Pipeline:
                     break
                 attempts += 1
                 decode = self._pick("decode", tried)
+                if decode is None and not tried:
+                    decode = await self._wait_for_decode(deadline)
                 if decode is None:
                     break
                 tried.add(decode.worker_id)
@@ -190,6 +196,18 @@ class Pipeline:
         if failure is not None:
             raise failure
         raise PipelineError("unavailable", "no decode worker is available; retry later", self.retry_after_s)
+
+    async def _wait_for_decode(self, deadline: float) -> LoadReport | None:
+        """No decode worker at all: hold the request while the stage scales from zero (its
+        queued work is in this gateway's load report, which activates the scaler), up to
+        cold_start_wait_s; then give up with 503."""
+        until = min(deadline, time.time() + self.cold_start_wait_s)
+        while time.time() < until:
+            await asyncio.sleep(self.refresh_s)
+            decode = self._pick("decode", set())
+            if decode is not None:
+                return decode
+        return None
 
     def _generate_call(self, address: str, req: GenerationRequest, sent: list[int], deadline: float):
         """Decode.Generate for the request, continuing after `sent` tokens when resuming."""

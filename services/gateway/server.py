@@ -65,6 +65,7 @@ class Gateway(GrpcService):
             self.config.refresh_s,
             self.config.retries,
             self.config.overload_retry_after_s,
+            self.config.cold_start_wait_s,
         )
         await self.pipeline.start()
         await super().start()

@@ -137,3 +137,32 @@ async def _eventually_free(decode) -> bool:
             return True
         await asyncio.sleep(0.02)
     return False
+
+
+async def test_request_is_held_while_the_stage_scales_from_zero(store_url, tiny_model):
+    from services.decode.config import DecodeConfig
+    from services.decode.server import DecodeWorker
+    from services.prefill.config import PrefillConfig
+    from services.prefill.server import PrefillWorker
+
+    prefix = "cold-start-test"
+    gw = Gateway(GatewayConfig(model_dir=str(tiny_model), store_url=store_url, store_prefix=prefix, http_port=0,
+                               refresh_s=0.05, cold_start_wait_s=20))
+    await gw.start()
+    common = dict(model_dir=str(tiny_model), store_url=store_url, store_prefix=prefix, report_interval_s=0.2,
+                  heartbeat_ttl_s=1.0)
+    workers = []
+    try:
+        pending = asyncio.create_task(post(f"http://127.0.0.1:{gw.http_port}", "/v1/completions",
+                                           {"model": "tiny", "prompt": "wake up", "max_tokens": 3}))
+        await asyncio.sleep(0.5)
+        assert not pending.done() and gw.pipeline.queued == 1  # held, and visible to the scaler
+        workers = [PrefillWorker(PrefillConfig(**common)), DecodeWorker(DecodeConfig(**common, kv_slots=4, max_concurrency=4))]
+        for w in workers:
+            await w.start()
+        status, payload, _ = await asyncio.wait_for(pending, 20)
+        assert status == 200 and payload["usage"]["completion_tokens"] == 3
+    finally:
+        await gw.stop(1.0)
+        for w in workers:
+            await w.stop(1.0)

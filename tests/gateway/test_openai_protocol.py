@@ -15,14 +15,16 @@ from services.gateway.openai_protocol import (
     ApiError,
     CompletionCall,
     Limits,
+    parse_chat,
+    parse_completion,
+    resolve_max_tokens,
+)
+from services.gateway.openai_responses import (
     chat_chunk,
     chat_response,
     completion_chunk,
     completion_response,
     models_response,
-    parse_chat,
-    parse_completion,
-    resolve_max_tokens,
     usage_chunk,
 )
 
