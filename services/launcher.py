@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -33,12 +34,18 @@ class UpOptions:
 
 
 class Stack:
+    """The processes of one local deployment; also the autoscaler's scale target
+    (`current`, `ready`, `scale`: the ReplicaController of services/autoscaler/local.py)."""
+
     def __init__(self, opts: UpOptions):
         self.opts = opts
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.retiring: list[tuple[str, subprocess.Popen]] = []  # SIGTERM'd workers, draining
         self.store: subprocess.Popen | None = None
         self.store_url = os.environ.get("REDIS_URL", "")
         self.model_dir = ""
+        self.worker_env: dict[str, str] = {}
+        self._lock = threading.Lock()
 
     def _spawn(self, role: str, env: dict[str, str]) -> None:
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
@@ -47,7 +54,41 @@ class Stack:
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", role], env=full_env, start_new_session=True
         )
-        self.procs.append((role, proc))
+        with self._lock:
+            self.procs.append((role, proc))
+
+    # ---- ReplicaController ----
+
+    def current(self, role: str) -> int:
+        with self._lock:
+            return sum(1 for r, p in self.procs if r == role and p.poll() is None)
+
+    def ready(self, role: str) -> int:
+        """Workers of the role that report in the store (and are not draining)."""
+        import redis
+
+        from .common import keys
+        from .common.load_report import LoadReport
+
+        client = redis.Redis.from_url(self.store_url, socket_timeout=2)
+        try:
+            ids = [m.decode() for m in client.smembers(keys.stage_workers(keys.DEFAULT_PREFIX, role))]
+            raw = client.mget([keys.worker_report(keys.DEFAULT_PREFIX, i) for i in ids]) if ids else []
+        finally:
+            client.close()
+        return sum(1 for data in raw if data is not None and not LoadReport.from_bytes(data).draining)
+
+    async def scale(self, role: str, replicas: int) -> None:
+        """Start workers, or SIGTERM the newest first (they drain and hand work over)."""
+        with self._lock:
+            live = [(r, p) for r, p in self.procs if r == role and p.poll() is None]
+        for _ in range(replicas - len(live)):
+            self._spawn(role, self.worker_env)
+        for entry in reversed(live[replicas:] if replicas < len(live) else []):
+            entry[1].send_signal(signal.SIGTERM)
+            with self._lock:
+                self.procs.remove(entry)
+                self.retiring.append(entry)
 
     def _start_store(self) -> str:
         self.store = subprocess.Popen(
@@ -66,10 +107,11 @@ class Stack:
         workers = o.prefill + o.decode
         threads = o.threads or max(1, (os.cpu_count() or 2) // max(workers, 1))
         common = {"ELASTUNE_MODEL_DIR": self.model_dir, "REDIS_URL": self.store_url, "ELASTUNE_HOST": o.host}
+        self.worker_env = {**common, "ELASTUNE_THREADS": str(threads)}
         for _ in range(o.prefill):
-            self._spawn("prefill", {**common, "ELASTUNE_THREADS": str(threads)})
+            self._spawn("prefill", self.worker_env)
         for _ in range(o.decode):
-            self._spawn("decode", {**common, "ELASTUNE_THREADS": str(threads)})
+            self._spawn("decode", self.worker_env)
         self._spawn("gateway", {**common, "ELASTUNE_HTTP_PORT": str(o.port)})
 
     @property
@@ -99,7 +141,7 @@ class Stack:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.opts.stop_grace_s
-        for _, proc in self.procs:
+        for _, proc in self.procs + self.retiring:
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
