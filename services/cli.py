@@ -27,6 +27,11 @@ def _serve(role: str) -> int:
         from .decode.server import main
 
         asyncio.run(main(from_env(DecodeConfig)))
+    elif role == "scaler":
+        from .scaler.config import ScalerConfig
+        from .scaler.server import main
+
+        asyncio.run(main(from_env(ScalerConfig)))
     return 0
 
 
@@ -34,7 +39,8 @@ def _up(args: argparse.Namespace) -> int:
     from .launcher import UpOptions, run_up
 
     return run_up(UpOptions(model=args.model, prefill=args.prefill, decode=args.decode, port=args.port,
-                            host=args.host, threads=args.threads))
+                            host=args.host, threads=args.threads, autoscale=args.autoscale,
+                            scaledobjects=args.scaledobjects, events=args.events))
 
 
 def _model_create(args: argparse.Namespace) -> int:
@@ -76,10 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000, help="HTTP port of the OpenAI API")
     up.add_argument("--host", default="127.0.0.1", help="address every service binds")
     up.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores / workers)")
+    up.add_argument("--autoscale", action="store_true",
+                    help="run the KEDA external scaler and a local autoscaler that follows KEDA and the HPA")
+    up.add_argument("--scaledobjects", default="", help="ScaledObject YAML folder for --autoscale (default: k8s/local)")
+    up.add_argument("--events", default="", help="with --autoscale: append scaling events to this file (JSON lines)")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service (configured by ELASTUNE_* environment variables)")
-    serve.add_argument("role", choices=["gateway", "prefill", "decode"])
+    serve.add_argument("role", choices=["gateway", "prefill", "decode", "scaler"])
     serve.set_defaults(func=lambda a: _serve(a.role))
 
     model = sub.add_parser("model", help="model utilities")

@@ -7,9 +7,11 @@ SIGTERM stops every process it started: workers drain, then the store goes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine.tiny import ensure_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -31,6 +35,10 @@ class UpOptions:
     threads: int = 0  # torch threads per worker; 0: cores / workers
     ready_timeout_s: float = 180.0
     stop_grace_s: float = 20.0
+    autoscale: bool = False  # run the scaler and the local autoscaler (KEDA + HPA) on the ScaledObjects
+    scaledobjects: str = ""  # folder of ScaledObject YAML; empty: k8s/local (tiny model on CPU)
+    events: str = ""  # append scaling events here as JSON lines
+    cold_start_wait_s: float = 60.0  # with --autoscale: how long the gateway holds a request at zero decode workers
 
 
 class Stack:
@@ -45,6 +53,7 @@ class Stack:
         self.store_url = os.environ.get("REDIS_URL", "")
         self.model_dir = ""
         self.worker_env: dict[str, str] = {}
+        self.autoscaling: Autoscaling | None = None
         self._lock = threading.Lock()
 
     def _spawn(self, role: str, env: dict[str, str]) -> None:
@@ -112,7 +121,12 @@ class Stack:
             self._spawn("prefill", self.worker_env)
         for _ in range(o.decode):
             self._spawn("decode", self.worker_env)
-        self._spawn("gateway", {**common, "ELASTUNE_HTTP_PORT": str(o.port)})
+        gateway_env = {**common, "ELASTUNE_HTTP_PORT": str(o.port)}
+        if o.autoscale:
+            gateway_env["ELASTUNE_COLD_START_WAIT_S"] = str(o.cold_start_wait_s)
+            self.autoscaling = Autoscaling(self, o.scaledobjects or str(REPO / "k8s" / "local"), o.events)
+            self.autoscaling.start()
+        self._spawn("gateway", gateway_env)
 
     @property
     def base_url(self) -> str:
@@ -135,7 +149,18 @@ class Stack:
             time.sleep(0.3)
         raise TimeoutError(f"the stack was not ready within {self.opts.ready_timeout_s:.0f} s")
 
+    def reap(self) -> list[tuple[str, int]]:
+        """Forget processes that exited: (role, exit code) of those that were not asked to stop."""
+        with self._lock:
+            self.retiring = [(r, p) for r, p in self.retiring if p.poll() is None]
+            gone = [(r, p) for r, p in self.procs if p.poll() is not None]
+            for entry in gone:
+                self.procs.remove(entry)
+        return [(r, p.returncode) for r, p in gone]
+
     def stop(self) -> None:
+        if self.autoscaling is not None:
+            self.autoscaling.stop()  # first, so nothing is started while the stack goes down
         # The gateway first (no new requests), then workers drain, then the store.
         for role, proc in sorted(self.procs, key=lambda rp: rp[0] != "gateway"):
             if proc.poll() is None:
@@ -178,13 +203,10 @@ def run_up(opts: UpOptions) -> int:
         stack.wait_ready()
         print(stack.banner(), flush=True)
         while not stopping:
-            for role, proc in stack.procs:
-                if proc.poll() is not None and not stopping:
-                    print(f"elastune: {role} process exited with code {proc.returncode}", file=sys.stderr, flush=True)
-                    if role == "gateway":
-                        return 1
-                    stack.procs.remove((role, proc))
-                    break
+            for role, code in stack.reap():
+                print(f"elastune: {role} process exited with code {code}", file=sys.stderr, flush=True)
+                if role == "gateway":
+                    return 1
             time.sleep(0.2)
         return 0
     except (RuntimeError, TimeoutError) as exc:
@@ -192,3 +214,71 @@ def run_up(opts: UpOptions) -> int:
         return 1
     finally:
         stack.stop()
+
+
+class Autoscaling:
+    """`--autoscale`: the scaler process, and the local autoscaler on a thread of its own that
+    polls it exactly as KEDA does and scales the stack's worker processes."""
+
+    def __init__(self, stack: Stack, scaledobjects_dir: str, events_path: str):
+        from .autoscaler.scaledobject import load_dir
+
+        self.stack = stack
+        self.objects = load_dir(scaledobjects_dir)
+        if not self.objects:
+            raise RuntimeError(f"no ScaledObject in {scaledobjects_dir}")
+        self.events_path = events_path or None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._autoscaler = None
+        self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
+
+    def start(self) -> None:
+        port = _free_port()
+        self.stack._spawn("scaler", {**self.stack.worker_env, "ELASTUNE_PORT": str(port)})
+        self.scaler_address = f"127.0.0.1:{port}"
+        self._thread.start()
+
+    def _run(self) -> None:
+        from .autoscaler.local import LocalAutoscaler
+        from .autoscaler.scaledobject import scaler_addresses
+        from .common.store import connect
+
+        async def main() -> None:
+            await _wait_for_port(self.scaler_address, timeout_s=60)
+            store = connect(self.stack.store_url)
+            self._autoscaler = LocalAutoscaler(
+                self.objects, self.stack,
+                address_override={a: self.scaler_address for a in scaler_addresses(self.objects)},
+                store=store, events_path=self.events_path,
+            )
+            try:
+                await self._autoscaler.run()
+            finally:
+                await store.aclose()
+
+        self._loop = asyncio.new_event_loop()
+        self._loop.run_until_complete(main())
+
+    def stop(self) -> None:
+        if self._loop is not None and self._autoscaler is not None:
+            asyncio.run_coroutine_threadsafe(self._autoscaler.stop(), self._loop).result(10)
+        self._thread.join(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _wait_for_port(address: str, timeout_s: float) -> None:
+    """Until something accepts connections at host:port (the scaler process starting up)."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.2)

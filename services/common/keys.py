@@ -13,3 +13,14 @@ def worker_report(prefix: str, worker_id: str) -> str:
 def stage_workers(prefix: str, stage: str) -> str:
     """The set of worker ids that registered for a stage (pruned when their report expires)."""
     return f"{prefix}:workers:{stage}"
+
+
+def asked_replicas(prefix: str, stage: str) -> str:
+    """How many replicas of a stage were last asked for (an integer as text), written by the local
+    autoscaler when it starts or stops pods; the scaler counts those not reporting yet as pending."""
+    return f"{prefix}:asked:{stage}"
+
+
+def scaler_checkpoint(prefix: str, namespace: str, name: str, stage: str) -> str:
+    """One ScaledObject's controller state and last decision (a hash: version, record JSON)."""
+    return f"{prefix}:scaler:{namespace}/{name}:{stage}"

@@ -67,6 +67,20 @@ def _slo_violated(ema: dict[str, float], config: StagePolicyConfig) -> bool:
     )
 
 
+def drain_window(signals: StageSignals, config: StagePolicyConfig) -> float:
+    """Seconds the backlog may take: the drain target or the oldest deadline, floored at min_drain_s."""
+    return max(min(config.queue_drain_target_s, signals.oldest_deadline_slack_s), config.min_drain_s)
+
+
+def smoothed_load(signals: StageSignals, config: StagePolicyConfig, state: ControllerState) -> float:
+    """Tokens/s the stage must serve, for a metric the HPA divides by per-pod capacity: the
+    smoothed arrival rate in `state` (the state decide() returned) plus the backlog drained
+    over drain_window(). The raw-mode counterpart of the token-rate and queue needs."""
+    rate = state.ema.get("rate", _arrival_rate(signals, config))
+    queued = max(signals.queued_tokens, 0.0)
+    return rate + queued / drain_window(signals, config) if queued > 0 else rate
+
+
 def compute_needs(
     signals: StageSignals, config: StagePolicyConfig, rate: float, kv_per_pod: float | None, violated: bool
 ) -> dict[str, float]:
@@ -75,9 +89,8 @@ def compute_needs(
     needs = {REASON_TOKEN_RATE: rate / (pod * config.target_utilization)}
     # The backlog drains flat out on top of the arrival rate, before the tighter of the
     # drain target and the oldest deadline (floored so a missed deadline stays finite).
-    window = max(min(config.queue_drain_target_s, signals.oldest_deadline_slack_s), config.min_drain_s)
     queued = max(signals.queued_tokens, 0.0)
-    needs[REASON_QUEUE_DEADLINE] = (rate + queued / window) / pod if queued > 0 else 0.0
+    needs[REASON_QUEUE_DEADLINE] = (rate + queued / drain_window(signals, config)) / pod if queued > 0 else 0.0
     kv_need = 0.0
     if kv_per_pod:
         kv_need = max(signals.kv_used_tokens, 0.0) / (kv_per_pod * config.kv_high_watermark)
