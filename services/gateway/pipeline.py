@@ -20,7 +20,7 @@ from ..common.convert import sampling_to_proto
 from ..common.load_report import LoadReport
 from ..common.registry import WorkerDirectory
 from ..common.server import GRPC_OPTIONS
-from ..common.stats import RateWindow
+from ..common.stats import LatencyWindow, RateWindow
 from ..common.tasks import spawn
 from ..common.types import GenerationRequest
 from ..proto import inference_pb2 as pb
@@ -69,6 +69,8 @@ class Pipeline:
         self.resumed = 0  # streams re-prefilled elsewhere after their decode worker was lost
         self.prompt_tokens_in = RateWindow()  # arrivals, for the scaler's token-rate signal
         self.tokens_out = RateWindow()
+        self.ttft_ms = LatencyWindow()  # for the scaler's SLO signal
+        self.itl_ms = LatencyWindow()
         self._suspect: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task | None = None
@@ -113,13 +115,19 @@ class Pipeline:
         self.queued_tokens += prompt_tokens
         queued = True
         inner = self._stream(req, timeout_s)
+        last = time.monotonic()
         try:
             async for event in inner:
+                now = time.monotonic()
                 if queued:
                     queued = False
                     self.queued -= 1
                     self.queued_tokens -= prompt_tokens
                     self.decoding += 1
+                    self.ttft_ms.add((now - last) * 1000)
+                elif event.token_ids:
+                    self.itl_ms.add((now - last) * 1000 / len(event.token_ids))
+                last = now
                 self.tokens_out.add(len(event.token_ids))
                 yield event
         finally:

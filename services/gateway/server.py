@@ -91,6 +91,8 @@ class Gateway(GrpcService):
             running_seqs=p.decoding,
             prompt_tokens_per_s=p.prompt_tokens_in.rate(),
             output_tokens_per_s=p.tokens_out.rate(),
+            ttft_ms_p95=p.ttft_ms.percentile(95),
+            itl_ms_p95=p.itl_ms.percentile(95),
         )
 
     def add_servicers(self, server: grpc.aio.Server) -> None:

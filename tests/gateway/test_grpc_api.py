@@ -70,3 +70,4 @@ async def test_gateway_publishes_its_load_report(stack):
     assert report.worker_id == stack.gateway.gateway_id
     assert report.queue_len == 0 and report.running_seqs == 0
     assert report.prompt_tokens_per_s > 0 and report.output_tokens_per_s > 0
+    assert report.ttft_ms_p95 > 0 and report.itl_ms_p95 > 0
