@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import grpc
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from services.common import keys
 from services.common.load_report import LoadReport
 from services.common.registry import WorkerRegistration
-from services.common.store import connect
 from services.proto import externalscaler_pb2 as pb
 from services.proto import externalscaler_pb2_grpc as pb_grpc
 from services.scaler.checkpoint import CheckpointStore, Commit, DecisionRecord
@@ -23,27 +21,7 @@ from services.scaler.server import ScalerService
 from services.scaler.signal_source import SignalSource
 from services.scaler.signals import ControllerState, Decision
 
-T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def store(store_url):
-    client = connect(store_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-checkpoint-{uuid.uuid4().hex}"
+from tests.scaler.conftest import T0, FakeClock
 
 
 async def start(store_url: str, clock: FakeClock) -> tuple[ScalerService, grpc.aio.Channel, pb_grpc.ExternalScalerStub]:

@@ -6,7 +6,6 @@ import asyncio
 import socket
 import time
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -17,33 +16,12 @@ from services.autoscaler.hpa import HPA, KedaScaledObjectState, MetricTarget, me
 from services.common import keys
 from services.common.load_report import LoadReport
 from services.common.registry import WorkerRegistration
-from services.common.store import connect
 from services.proto import externalscaler_pb2 as pb
 from services.proto import externalscaler_pb2_grpc as pb_grpc
 from services.scaler.config import ScalerConfig
 from services.scaler.server import ScalerService
 
-T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def store(store_url):
-    client = connect(store_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"test-scaler-{uuid.uuid4().hex}"
+from tests.scaler.conftest import T0, FakeClock
 
 
 @asynccontextmanager
