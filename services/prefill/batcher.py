@@ -41,7 +41,6 @@ class PrefillBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
         self.tokens_in = RateWindow()
         self.batch_ms = LatencyWindow()
-        self.busy = False
 
     def submit(self, job: PrefillJob) -> None:
         if len(self._queue) >= self.max_queue:
@@ -82,7 +81,6 @@ class PrefillBatcher:
                 self._wakeup.clear()
                 continue
             start = time.monotonic()
-            self.busy = True
             try:
                 outputs = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:  # a model failure fails this batch, not the worker
@@ -90,8 +88,6 @@ class PrefillBatcher:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            finally:
-                self.busy = False
             done = time.monotonic()
             self.batch_ms.add((done - start) * 1000)
             self.tokens_in.add(sum(len(j.prompt) for j in batch))
