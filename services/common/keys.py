@@ -24,3 +24,8 @@ def asked_replicas(prefix: str, stage: str) -> str:
 def scaler_checkpoint(prefix: str, namespace: str, name: str, stage: str) -> str:
     """One ScaledObject's controller state and last decision (a hash: version, record JSON)."""
     return f"{prefix}:scaler:{namespace}/{name}:{stage}"
+
+
+def tuning_table(prefix: str) -> str:
+    """The tuning table (a hash: version, table JSON), written by profiling and the tuners."""
+    return f"{prefix}:tuning:table"

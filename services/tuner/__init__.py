@@ -1,0 +1,1 @@
+"""The inner loop: tuning table, knee profiling and per-share runtime config selection."""
