@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.engine.kv_cache import KvCache  # noqa: E402
 from services.engine.model import CausalLM  # noqa: E402
 from services.engine.model_config import ModelConfig  # noqa: E402
+from bench.meta import commit, machine  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -94,7 +92,7 @@ def main() -> None:
         tokens = torch.randint(0, cfg.vocab_size, (batch,), device=device)
         positions = torch.full((batch,), args.context, device=device)
         slots = torch.arange(batch, device=device)
-        ms = timed(lambda: model.decode(tokens, positions, slots, cache, (0, batch), args.context + 1), device)
+        ms = timed(lambda c=cache: model.decode(tokens, positions, slots, c, (0, batch), args.context + 1), device)
         floor = (weight_bytes + batch * args.context * kv_per_token) / bandwidth * 1000
         rows.append({"case": f"decode step, batch {batch}, context {args.context}", "ms": ms, "floor_ms": floor,
                      "tokens_per_s": batch / ms * 1000})
@@ -108,9 +106,9 @@ def main() -> None:
 
     free = 80e9 - weight_bytes
     result = {
-        "machine": {"host": socket.gethostname(), "platform": platform.platform()},
+        "machine": machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "commit": _commit(), "shape": args.shape, "dtype": str(dtype),
+        "torch": torch.__version__, "commit": commit(), "shape": args.shape, "dtype": str(dtype),
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token,
         "max_2048_token_sequences_on_80GB_slots": int(free // (cfg.max_model_len * kv_per_token)),
         "max_2048_token_sequences_on_80GB_paged": int(free // (2048 * kv_per_token)),
@@ -129,12 +127,6 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

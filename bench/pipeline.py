@@ -14,12 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import random
-import socket
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.common.registry import WorkerDirectory  # noqa: E402
 from services.common.store import connect  # noqa: E402
 from services.engine.tiny import ensure_tiny_model  # noqa: E402
-from services.launcher import Stack, UpOptions  # noqa: E402
+from services.launcher import Stack, UpOptions, free_port  # noqa: E402
+from bench.meta import commit, machine  # noqa: E402
 from services.proto import inference_pb2 as pb  # noqa: E402
 from services.proto import inference_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -138,12 +134,6 @@ def transformers_baseline(model_dir: str, prompts: list[str], max_tokens: int, t
     return {"requests": len(prompts), "output_tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
 
 
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,9 +150,9 @@ def main() -> None:
     MODEL_NAME = Path(model_dir).name
     levels = [int(x) for x in args.concurrency.split(",")]
     prompts = make_prompts(max(16, args.requests_per_stream * max(levels)), args.seed)
-    port = _free_port()
+    port = free_port()
     stack = Stack(UpOptions(model=model_dir, port=port, prefill=1, decode=1))
-    results: dict = {"machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform()},
+    results: dict = {"machine": machine(),
                      "device": "cpu", "commit": commit(), "model": model_dir, "max_tokens": args.max_tokens,
                      "seed": args.seed, "pipeline": []}
     try:
@@ -200,11 +190,6 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

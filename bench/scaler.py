@@ -22,11 +22,7 @@ import asyncio
 import itertools
 import json
 import multiprocessing as mp
-import os
-import platform
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +40,7 @@ from services.proto import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 from services.scaler.config import ScalerConfig  # noqa: E402
 from services.scaler.server import ScalerService  # noqa: E402
 from services.scaler.signals import ALL_REASONS  # noqa: E402
+from bench.meta import commit, machine  # noqa: E402
 
 PREFIX = "bench-scaler"
 WARMUP_S = 1.0
@@ -53,12 +50,6 @@ def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] if ordered else float("nan")
 
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def requests(objects: int, decision_interval_s: float) -> list[pb.GetMetricsRequest]:
@@ -182,8 +173,7 @@ def main() -> None:
     finally:
         store.stop()
     out = {
-        "machine": {"host": socket.gethostname(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
+        "machine": machine(),
         "device": "cpu", "commit": commit(), "seed": args.seed, "runs": runs,
     }
     print(f"\nscaler GetMetrics, {args.pollers} pollers over {args.objects} ScaledObjects, commit {out['commit']}")

@@ -54,6 +54,7 @@ class Stack:
         self.model_dir = ""
         self.worker_env: dict[str, str] = {}
         self.autoscaling: Autoscaling | None = None
+        self.ready_counts: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _spawn(self, role: str, env: dict[str, str]) -> None:
@@ -73,19 +74,9 @@ class Stack:
             return sum(1 for r, p in self.procs if r == role and p.poll() is None)
 
     def ready(self, role: str) -> int:
-        """Workers of the role that report in the store (and are not draining)."""
-        import redis
-
-        from .common import keys
-        from .common.load_report import LoadReport
-
-        client = redis.Redis.from_url(self.store_url, socket_timeout=2)
-        try:
-            ids = [m.decode() for m in client.smembers(keys.stage_workers(keys.DEFAULT_PREFIX, role))]
-            raw = client.mget([keys.worker_report(keys.DEFAULT_PREFIX, i) for i in ids]) if ids else []
-        finally:
-            client.close()
-        return sum(1 for data in raw if data is not None and not LoadReport.from_bytes(data).draining)
+        """Workers of the role that report in the store and are not draining, as last read by
+        Autoscaling's directory task (the autoscaler's loop must not block on the store)."""
+        return self.ready_counts.get(role, 0)
 
     async def scale(self, role: str, replicas: int) -> None:
         """Start workers, or SIGTERM the newest first (they drain and hand work over)."""
@@ -233,7 +224,7 @@ class Autoscaling:
         self._thread = threading.Thread(target=self._run, name="autoscaler", daemon=True)
 
     def start(self) -> None:
-        port = _free_port()
+        port = free_port()
         self.stack._spawn("scaler", {**self.stack.worker_env, "ELASTUNE_PORT": str(port)})
         self.scaler_address = f"127.0.0.1:{port}"
         self._thread.start()
@@ -241,11 +232,15 @@ class Autoscaling:
     def _run(self) -> None:
         from .autoscaler.local import LocalAutoscaler
         from .autoscaler.scaledobject import scaler_addresses
+        from .common import keys
+        from .common.registry import WorkerDirectory
         from .common.store import connect
+        from .common.tasks import spawn
 
         async def main() -> None:
             await _wait_for_port(self.scaler_address, timeout_s=60)
             store = connect(self.stack.store_url)
+            directory = spawn(self._count_ready(WorkerDirectory(store, keys.DEFAULT_PREFIX)), name="launcher.ready")
             self._autoscaler = LocalAutoscaler(
                 self.objects, self.stack,
                 address_override={a: self.scaler_address for a in scaler_addresses(self.objects)},
@@ -254,10 +249,21 @@ class Autoscaling:
             try:
                 await self._autoscaler.run()
             finally:
+                directory.cancel()
                 await store.aclose()
 
         self._loop = asyncio.new_event_loop()
         self._loop.run_until_complete(main())
+
+    async def _count_ready(self, directory) -> None:
+        stages = {so.stage for so in self.objects}
+        while True:
+            try:
+                for stage in stages:
+                    self.stack.ready_counts[stage] = sum(not w.draining for w in await directory.workers(stage))
+            except Exception as exc:  # store down: keep the last counts
+                print(f"elastune: cannot read workers from the store: {exc}", file=sys.stderr, flush=True)
+            await asyncio.sleep(1.0)
 
     def stop(self) -> None:
         if self._loop is not None and self._autoscaler is not None:
@@ -265,7 +271,7 @@ class Autoscaling:
         self._thread.join(timeout=10)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -98,14 +98,14 @@ class OpenAIApi:
         call = parse_chat(body, limits) if endpoint == "chat" else parse_completion(body, limits)
         tok = self.gw.tokenizer
         if call.kind == KIND_CHAT:
-            prompt_ids, param = tok.encode_chat(call.messages), "messages"
+            prompt_ids = tok.encode_chat(call.messages)
         elif call.prompt_token_ids is not None:
-            prompt_ids, param = list(call.prompt_token_ids), "prompt"
+            prompt_ids = list(call.prompt_token_ids)
             bad = next((t for t in prompt_ids if t >= tok.vocab_size), None)
             if bad is not None:
                 raise ApiError(400, f"prompt holds token id {bad}; ids must be < {tok.vocab_size}", param="prompt")
         else:
-            prompt_ids, param = tok.encode_text(call.prompt), "prompt"
+            prompt_ids = tok.encode_text(call.prompt)
         max_tokens = resolve_max_tokens(call, len(prompt_ids), limits)
         prefix = "chatcmpl" if call.kind == KIND_CHAT else "cmpl"
         req = GenerationRequest(

@@ -159,7 +159,7 @@ class Pipeline:
         while True:
             if resume is not None:
                 address, migration_id = resume
-                worker_id = address
+                worker_id = next((w.worker_id for w in self.workers["decode"] if w.address == address), address)
                 call = pb_grpc.DecodeStub(self._channel(address)).Resume(
                     pb.ResumeRequest(migration_id=migration_id), timeout=max(deadline - time.time(), 0.001))
                 resume = None

@@ -13,7 +13,8 @@ import time
 import aiohttp
 import pytest
 
-from tests.pipeline.test_elastune_up import free_port, health
+from services.launcher import free_port
+from tests.pipeline.test_elastune_up import health
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from services.proto import externalscaler_pb2_grpc as pb_grpc
 from services.scaler.config import ScalerConfig
 from services.scaler.server import ScalerService
 
-from tests.scaler.conftest import T0, FakeClock
+from tests.scaler.conftest import FakeClock
 
 
 @asynccontextmanager
