@@ -7,7 +7,7 @@ import asyncio
 import sys
 
 
-def _serve(role: str) -> int:
+def _serve(role: str, worker: str = "") -> int:
     from .common.config import from_env
     from .common.logging import configure_logging
 
@@ -32,6 +32,11 @@ def _serve(role: str) -> int:
         from .scaler.server import main
 
         asyncio.run(main(from_env(ScalerConfig)))
+    elif role == "tuner":
+        from .tuner.config import TunerConfig
+        from .tuner.sidecar import main
+
+        asyncio.run(main(from_env(TunerConfig, worker=worker or None)))
     return 0
 
 
@@ -89,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service (configured by ELASTUNE_* environment variables)")
-    serve.add_argument("role", choices=["gateway", "prefill", "decode", "scaler"])
-    serve.set_defaults(func=lambda a: _serve(a.role))
+    serve.add_argument("role", choices=["gateway", "prefill", "decode", "scaler", "tuner"])
+    serve.add_argument("--worker", default="", help="tuner: the worker's host:port (or ELASTUNE_WORKER)")
+    serve.set_defaults(func=lambda a: _serve(a.role, a.worker))
 
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -102,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser("store", help="run the embedded Valkey store and print its URL")
     store.add_argument("--port", type=int, default=None)
     store.set_defaults(func=_store)
+
+    from .tuner.commands import add_commands as add_tuner_commands
+
+    add_tuner_commands(sub)
 
     protos = sub.add_parser("protos", help="regenerate the gRPC stubs from protos/")
     protos.set_defaults(func=_protos)

@@ -66,6 +66,72 @@ def share_grid(lo: float, hi: float, step: float) -> list[float]:
     return grid
 
 
+class KneeSearch:
+    """The adaptive knee search of one curve, one measurement at a time.
+
+    The profiler runs many curves (stage x batch size x workload) at once and measures, in
+    each round, every share some curve asks for in one process per share; so the search is a
+    state machine: next_share() says what it wants, record() takes the result, done/knee say
+    where it ended. Assumes throughput is non-decreasing in share up to noise: measures hi and
+    lo, then bisects on "within epsilon of the best so far". The answer is within epsilon of
+    the best measured, and every measured share below it is not (noise can hide a lower
+    qualifying share that was never measured; the grid search has no such blind spot, at ~3x
+    the cost).
+    """
+
+    def __init__(self, lo: float = 0.1, hi: float = 1.0, epsilon: float = 0.05, min_step: float = 0.05,
+                 grid: Sequence[float] | None = None):
+        if not 0.0 <= epsilon < 1.0:
+            raise ValueError(f"epsilon must be in [0, 1), got {epsilon}")
+        self.grid = sorted(grid) if grid else share_grid(lo, hi, min_step)
+        self.epsilon = epsilon
+        self.measured: dict[float, float] = {}
+        # Invariant once both ends are known: grid[low] fails; grid[high] passes against the
+        # final best. A measurement that raises the best passes and becomes high; those after it
+        # fail, so the best never changes after the last move of high.
+        self._low: int | None = None
+        self._high = len(self.grid) - 1
+        self.knee: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.knee is not None
+
+    def _passes(self, value: float) -> bool:
+        return value >= (1.0 - self.epsilon) * max(self.measured.values())
+
+    def next_share(self) -> float | None:
+        """The share to measure next; None once the knee is known."""
+        if self.knee is not None:
+            return None
+        if self.grid[-1] not in self.measured:
+            return self.grid[-1]
+        if self.grid[0] not in self.measured:
+            return self.grid[0]
+        return self.grid[(self._low + self._high) // 2]
+
+    def record(self, share: float, throughput: float) -> None:
+        if share != self.next_share():
+            raise ValueError(f"expected a measurement at share {self.next_share()}, got {share}")
+        self.measured[share] = throughput
+        top = len(self.grid) - 1
+        if share == self.grid[top] and top > 0:
+            return
+        if share == self.grid[0]:
+            if self._passes(throughput):  # lo is already within epsilon of the best
+                self.knee = self.grid[0]
+                return
+            self._low = 0
+        else:
+            mid = self.grid.index(share)
+            if self._passes(throughput):
+                self._high = mid
+            else:
+                self._low = mid
+        if self._high - self._low <= 1:
+            self.knee = self.grid[self._high]
+
+
 def adaptive_shares(
     measure: Callable[[float], float],
     lo: float = 0.1,
@@ -73,39 +139,12 @@ def adaptive_shares(
     epsilon: float = 0.05,
     min_step: float = 0.05,
 ) -> tuple[float, dict[float, float]]:
-    """Find the knee on share_grid(lo, hi, min_step) without measuring the whole grid.
-
-    Assumes throughput is non-decreasing in share up to noise. Measures hi and lo, then bisects
-    on "within epsilon of the best so far"; the answer is within epsilon of the best measured,
-    and every measured share below it is not (noise can hide a lower qualifying share that was
-    never measured; the grid search has no such blind spot, at ~3x the cost). Returns
-    (knee, {share: throughput measured}); len() of the dict is the number of measurements taken
-    (each share is measured once).
+    """Find the knee on share_grid(lo, hi, min_step) without measuring the whole grid (one
+    KneeSearch driven to the end). Returns (knee, {share: throughput measured}); len() of the
+    dict is the number of measurements taken (each share is measured once).
     """
-    grid = share_grid(lo, hi, min_step)
-    measured: dict[float, float] = {}
-
-    def at(i: int) -> float:
-        if grid[i] not in measured:
-            measured[grid[i]] = measure(grid[i])
-        return measured[grid[i]]
-
-    def passes(i: int) -> bool:
-        value = at(i)
-        return value >= (1.0 - epsilon) * max(measured.values())
-
-    top = len(grid) - 1
-    at(top)
-    if passes(0):  # lo is already within epsilon of the best
-        return grid[0], measured
-    # Invariant: low fails; high passes against the final best. A measurement that raises the
-    # best passes and becomes high; the ones after it fail, so the best never changes after the
-    # last move of high, and the answer meets the final best without re-checking.
-    low, high = 0, top
-    while high - low > 1:
-        mid = (low + high) // 2
-        if passes(mid):
-            high = mid
-        else:
-            low = mid
-    return grid[high], measured
+    search = KneeSearch(lo, hi, epsilon, min_step)
+    while (share := search.next_share()) is not None:
+        search.record(share, measure(share))
+    assert search.knee is not None
+    return search.knee, search.measured

@@ -1,19 +1,27 @@
 """The tuning table: measured throughput and latency per (model, stage, device, share, config).
 
 Profiling (`elastune profile`) fills it; tuners add online observations; the scaler reads
-per-pod capacity from it. In the store it is one hash at keys.tuning_table(prefix) with fields
-`version` (an integer, +1 per change) and `table` (to_json()). save() is a compare-and-set on
-the version: it never replaces a newer table, so a stale tuner cannot undo another's work.
+per-pod capacity from it. A row is keyed by (model, stage, device kind, share), then by the
+runtime config and the workload it was measured under (prompt or context length); it carries
+the measured figures and where they came from (`source`: profile or online).
+
+In the store it is one hash at keys.tuning_table(prefix) with fields `version` (an integer, +1
+per change) and `table` (to_json()). save() is a compare-and-set on the version: it never
+replaces a newer table, so a stale tuner cannot undo another's work; update() is the
+read-modify-write tuners use (a WATCH transaction, retried), so concurrent writers all land.
+Exported files (`elastune tuning export`) hold the same JSON.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import WatchError
 
 from ..common import keys
 
@@ -51,6 +59,7 @@ class ProfilePoint:
     samples: int = 1
     source: str = "profile"
     updated_at: float = 0.0
+    workload: dict[str, int] = field(default_factory=dict)  # {"prompt_len": n} or {"context_len": n}
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -72,6 +81,10 @@ class ProfilePoint:
 
     def config_key(self) -> tuple[tuple[str, int], ...]:
         return tuple(sorted(self.config.items()))
+
+    def row_key(self) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """What identifies a row within one share: the config and the workload it ran."""
+        return (self.config_key(), tuple(sorted(self.workload.items())))
 
     def meets(self, slo_p95_ms: float) -> bool:
         return self.latency_p95_ms is not None and self.latency_p95_ms <= slo_p95_ms
@@ -123,7 +136,7 @@ class TuningTable:
     def add(self, point: ProfilePoint) -> None:
         rows = self._points.setdefault(point.key, [])
         for i, old in enumerate(rows):
-            if old.config_key() == point.config_key():
+            if old.row_key() == point.row_key():
                 rows[i] = merge(old, point)
                 break
         else:
@@ -157,8 +170,14 @@ class TuningTable:
         shares = self.shares(model, stage, device)
 
         def cap(s: float) -> float | None:
-            best = best_within_slo(self.points(model, stage, device, s), slo_p95_ms)
-            return best.throughput_tokens_per_s if best else None
+            # Several workloads (prompt/context lengths): the pod must carry the hardest one.
+            by_workload: dict[tuple, list[ProfilePoint]] = {}
+            for p in self.points(model, stage, device, s):
+                by_workload.setdefault(p.row_key()[1], []).append(p)
+            bests = [best_within_slo(rows, slo_p95_ms) for rows in by_workload.values()]
+            if not bests or any(b is None for b in bests):
+                return None
+            return min(b.throughput_tokens_per_s for b in bests if b is not None)
 
         if not shares:
             return None
@@ -176,8 +195,39 @@ class TuningTable:
         t = (share - lo) / (hi - lo)
         return (c_lo or 0.0) + t * ((c_hi or 0.0) - (c_lo or 0.0))
 
+    def groups(self) -> list[tuple[str, str, str]]:
+        """The (model, stage, device) triples the table knows."""
+        return sorted({k[:3] for k, rows in self._points.items() if rows})
+
+    def all_points(self) -> list[ProfilePoint]:
+        return [p for key in sorted(self._points) for p in self._points[key]]
+
+    def workloads(self, model: str, stage: str, device: str) -> list[dict[str, int]]:
+        seen = {p.row_key()[1] for k, rows in self._points.items() if k[:3] == (model, stage, device) for p in rows}
+        return [dict(w) for w in sorted(seen)]
+
+    def points_at(
+        self, model: str, stage: str, device: str, share: float, workload: dict[str, int] | None = None
+    ) -> list[ProfilePoint]:
+        """One point per config at `share`, measured there or estimated from the config's
+        measurements at other shares (the adaptive profile does not measure every config at
+        every share). Estimates: linear between the two nearest measured shares; above the
+        largest, its figures (past the knee, more share buys nothing); below the smallest,
+        throughput in proportion to the share and latency in inverse proportion (compute-bound).
+        `workload`: only the rows of the profiled workload nearest to it (see nearest_workload).
+        """
+        rows: dict[tuple, dict[float, ProfilePoint]] = {}
+        for key, points in self._points.items():
+            if key[:3] == (model, stage, device):
+                for p in points:
+                    rows.setdefault(p.row_key(), {})[key[3]] = p
+        if workload is not None:
+            target = nearest_workload([dict(k[1]) for k in rows], workload)
+            rows = {k: v for k, v in rows.items() if dict(k[1]) == target}
+        return [_estimate(by_share, share) for _, by_share in sorted(rows.items())]
+
     def to_json(self) -> str:
-        rows = [asdict(p) for key in sorted(self._points) for p in sorted(self._points[key], key=ProfilePoint.config_key)]
+        rows = [asdict(p) for key in sorted(self._points) for p in sorted(self._points[key], key=ProfilePoint.row_key)]
         return json.dumps({"version": self.version, "points": rows}, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
@@ -200,3 +250,86 @@ class TuningTable:
         """The stored table, or an empty one (version 0) when none was saved."""
         raw = await store.hget(keys.tuning_table(prefix), "table")
         return TuningTable.from_json(raw) if raw else TuningTable()
+
+    @staticmethod
+    async def update(
+        store: aioredis.Redis, prefix: str, points: Sequence[ProfilePoint], attempts: int = 16
+    ) -> TuningTable:
+        """Add `points` to the stored table atomically (WATCH/MULTI, retried when another writer
+        got in between) and return the table as stored."""
+        key = keys.tuning_table(prefix)
+        async with store.pipeline(transaction=True) as pipe:
+            for _ in range(attempts):
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.hget(key, "table")
+                    table = TuningTable.from_json(raw) if raw else TuningTable()
+                    for p in points:
+                        table.add(p)
+                    pipe.multi()
+                    pipe.hset(key, mapping={"version": table.version, "table": table.to_json()})
+                    await pipe.execute()
+                    return table
+                except WatchError:
+                    continue
+        raise RuntimeError(f"tuning table update lost {attempts} races in a row; retry later")
+
+    def export(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+
+    @staticmethod
+    def import_file(path: str) -> TuningTable:
+        """A table written by export(); a bad file raises ValueError naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return TuningTable.from_json(f.read())
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} is not a tuning table export: {exc}") from exc
+
+
+def _lerp(a: float | None, b: float | None, t: float) -> float | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a + t * (b - a)
+
+
+def _estimate(by_share: dict[float, ProfilePoint], share: float) -> ProfilePoint:
+    shares = sorted(by_share)
+    for s in shares:
+        if abs(s - share) < _EPS:
+            return by_share[s]
+    below = [s for s in shares if s < share]
+    above = [s for s in shares if s > share]
+    if not above:
+        return replace(by_share[below[-1]], share=share)
+    hi = by_share[above[0]]
+    if not below:
+        f = share / above[0]
+        scale = (lambda v: None if v is None else v / f)
+        return replace(hi, share=share, throughput_tokens_per_s=hi.throughput_tokens_per_s * f,
+                       latency_p50_ms=scale(hi.latency_p50_ms), latency_p95_ms=scale(hi.latency_p95_ms))
+    lo = by_share[below[-1]]
+    t = (share - below[-1]) / (above[0] - below[-1])
+    return replace(
+        lo, share=share,
+        throughput_tokens_per_s=_lerp(lo.throughput_tokens_per_s, hi.throughput_tokens_per_s, t) or 0.0,
+        latency_p50_ms=_lerp(lo.latency_p50_ms, hi.latency_p50_ms, t),
+        latency_p95_ms=_lerp(lo.latency_p95_ms, hi.latency_p95_ms, t),
+        samples=min(lo.samples, hi.samples),
+    )
+
+
+def nearest_workload(candidates: Iterable[dict[str, int]], observed: dict[str, int]) -> dict[str, int]:
+    """The candidate closest to `observed` in log ratio over the keys both name (lengths
+    matter by ratio: 64 vs 128 tokens is as far apart as 1024 vs 2048); {} when none."""
+    candidates = list(candidates)
+    best, best_d = {}, math.inf
+    for c in candidates:
+        common = [k for k in c if k in observed]
+        d = sum(abs(math.log(max(c[k], 1) / max(observed[k], 1))) for k in common) if common else math.inf
+        if d < best_d or (d == best_d and not best):
+            best, best_d = c, d
+    if best_d == math.inf:  # nothing comparable: the first, for a stable answer
+        return min(candidates, key=lambda c: sorted(c.items())) if candidates else {}
+    return best

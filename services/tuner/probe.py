@@ -1,0 +1,147 @@
+"""One profiling process at one share: runs the stages' own step code and times it.
+
+`python -m services.tuner.probe` reads a ProbeJob as JSON on stdin and writes one JSON line
+per measured item on stdout. The profiler starts one such process per share, with the share's
+environment (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE on a GPU, threads + CPU affinity on a CPU), so
+what is measured is exactly what a worker at that share would see.
+
+What runs is the workers' code: a prefill micro-batch is `ModelRunner.prefill` as the prefill
+batcher calls it; a decode step is `DecodeEngine.step` (scheduler + model + sampler) with
+`batch` sequences at the workload's context length. This is the only tuner module that touches
+engine internals; when the engine changes, this is the file to follow it.
+Figures: prefill latency is one micro-batch (ms), throughput prompt tokens/s; decode latency
+is one step (ms, the inter-token latency at that batch), throughput output tokens/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    stage: str  # "prefill" | "decode"
+    config: dict[str, int]
+    workload: dict[str, int]  # prefill: {"prompt_len": n}; decode: {"context_len": n}
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    model_dir: str
+    device: str
+    dtype: str
+    share: float
+    mechanism: str  # "cpu" | "mps"
+    cores: tuple[int, ...] = ()
+    items: tuple[ProbeItem, ...] = ()
+    warmup: int = 1
+    reps: int = 5
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> ProbeJob:
+        data = json.loads(text)
+        data["items"] = tuple(ProbeItem(**i) for i in data["items"])
+        data["cores"] = tuple(data["cores"])
+        return ProbeJob(**data)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    item: ProbeItem
+    throughput_tokens_per_s: float
+    latency_p50_ms: float
+    latency_p95_ms: float
+    samples: int
+    extra: dict = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+class _Sink:
+    """A decode sequence's outbox during profiling: tokens are not delivered anywhere."""
+
+    def put_nowait(self, item) -> None:
+        pass
+
+
+def _prefill(runner, item: ProbeItem, warmup: int, reps: int) -> Measurement:
+    from ..common.types import SamplingParams
+
+    batch, length = item.config["max_batch_size"], item.workload["prompt_len"]
+    vocab = runner.config.vocab_size
+    prompts = [[(7 + 31 * i + 13 * j) % vocab for j in range(length)] for i in range(batch)]
+    params = [SamplingParams(max_tokens=1, temperature=0.0)] * batch
+    times = []
+    for rep in range(warmup + reps):
+        start = time.perf_counter()
+        runner.prefill(prompts, params, [0] * batch)
+        if rep >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    mean_s = sum(times) / len(times) / 1000
+    return Measurement(item, batch * length / mean_s, percentile(times, 50), percentile(times, 95), len(times))
+
+
+def _decode(runner, item: ProbeItem, warmup: int, reps: int) -> Measurement:
+    from ..common.types import SamplingParams
+    from ..decode.engine import DecodeEngine
+    from ..decode.sequence import Sequence
+
+    batch, context = item.config["max_batch_size"], item.workload["context_len"]
+    loop = asyncio.new_event_loop()  # the engine hands tokens to a loop; nobody listens here
+    try:
+        engine = DecodeEngine(runner, batch, batch, loop)
+        if context + warmup + reps + 1 > engine.slot_tokens:
+            raise ValueError(f"context_len {context} leaves no room in a {engine.slot_tokens}-token slot")
+        params = SamplingParams(max_tokens=1 << 30, temperature=0.0, ignore_eos=True)
+        for i in range(batch):
+            tokens = [(11 + 17 * i + 5 * j) % runner.config.vocab_size for j in range(context)]
+            engine.add(Sequence(f"probe-{i}", engine.slots.allocate(), tokens, context, params, 0,
+                                frozenset(), engine.slot_tokens, outbox=_Sink()))
+        times = []
+        for rep in range(warmup + reps):
+            start = time.perf_counter()
+            engine.step()
+            if rep >= warmup:
+                times.append((time.perf_counter() - start) * 1000)
+    finally:
+        loop.close()
+    mean_s = sum(times) / len(times) / 1000
+    return Measurement(item, batch / mean_s, percentile(times, 50), percentile(times, 95), len(times))
+
+
+def run(job: ProbeJob, emit=print) -> None:
+    from ..engine.runner import ModelRunner
+    from .shares import ShareMechanism
+
+    import torch
+
+    if job.mechanism == "cpu":
+        ShareMechanism("cpu", job.cores).apply_in_process(job.share)
+    runner = ModelRunner(job.model_dir, job.dtype, job.device, torch.get_num_threads())
+    with torch.inference_mode():
+        for item in job.items:
+            measure = _prefill if item.stage == "prefill" else _decode
+            m = measure(runner, item, job.warmup, job.reps)
+            if job.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            emit(json.dumps(asdict(m)))
+
+
+def main() -> int:
+    job = ProbeJob.from_json(sys.stdin.read())
+    run(job, emit=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
