@@ -4,9 +4,11 @@ A curve is one (stage, batch size, workload): throughput as a function of the sh
 curve runs its own adaptive knee search (knee.KneeSearch); in each round the profiler gathers
 the shares the unfinished searches ask for and measures, per share, every item wanted there in
 ONE process started at that share (probe.py), since starting a process (and, on a GPU, an MPS
-client) is most of the cost of a measurement. After the searches, a check round makes sure the
-table's best config at each share of the grid was measured there, not estimated: selection
-then never rests on an interpolation for its winner.
+client) is most of the cost of a measurement. After the searches, check rounds make sure that at
+each share of the grid the table's best config (and, given the stage SLO, the best within it)
+was measured there, not estimated, and so was every config whose estimated p95 lies within
+`slo_margin` of the SLO (an estimate cannot decide that close): selection then never rests on
+an interpolation for its winner.
 
 The driver is the same for CPU and GPU; only the ShareMechanism differs (threads + affinity,
 or CUDA_MPS_ACTIVE_THREAD_PERCENTAGE). Tests drive it with a hand-made `measure`.
@@ -26,7 +28,7 @@ from pathlib import Path
 from .knee import KneeSearch
 from .probe import Measurement, ProbeItem, ProbeJob
 from .shares import ShareMechanism
-from .table import ProfilePoint, TuningTable
+from .table import ProfilePoint, TuningTable, best_within_slo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +47,12 @@ class ProfileGrid:
     context_lens: tuple[int, ...] = (64, 256)
     shares: tuple[float, ...] = ()  # empty: every share the mechanism offers (ShareMechanism.grid)
     epsilon: float = 0.05
+    slo_prefill_ms: float = 0.0  # the SLOs the sidecars will select under (0: none); see the check round
+    slo_decode_ms: float = 0.0
+    slo_margin: float = 0.1  # estimates this close to an SLO are measured, not trusted
+
+    def slo_ms(self, stage: str) -> float:
+        return self.slo_prefill_ms if stage == "prefill" else self.slo_decode_ms
 
     def validate(self) -> None:
         for name in ("prefill_batches", "prompt_lens", "decode_batches", "context_lens"):
@@ -120,7 +128,7 @@ def profile(
     while wanted := _group((s.next_share(), by_key[k]) for k, s in searches.items() if not s.done):
         run_round(wanted)
     # Check round(s): the best config at each grid share must be a measurement, not an estimate.
-    while wanted := _group(_unmeasured_winners(result.table, model, device, shares, measured)):
+    while wanted := _group(_unmeasured_winners(result.table, grid, model, device, shares, measured)):
         run_round(wanted)
     for k, search in searches.items():
         item = by_key[k]
@@ -138,18 +146,27 @@ def _group(pairs) -> dict[float, list[ProbeItem]]:
     return {s: v for s, v in wanted.items() if v}
 
 
-def _unmeasured_winners(table: TuningTable, model: str, device: str, shares: Sequence[float],
+def _unmeasured_winners(table: TuningTable, grid: ProfileGrid, model: str, device: str, shares: Sequence[float],
                         measured: set[tuple[str, float]]):
-    for _, stage, _ in table.groups():
+    for m, stage, d in table.groups():
+        if (m, d) != (model, device):
+            continue
+        slo = grid.slo_ms(stage)
         for workload in table.workloads(model, stage, device):
             for share in shares:
                 rows = table.points_at(model, stage, device, share, workload)
                 if not rows:
                     continue
-                best = max(rows, key=lambda p: (p.throughput_tokens_per_s, -p.batch))
-                item = ProbeItem(stage, dict(best.config), dict(best.workload))
-                if (_key(item), share) not in measured:
-                    yield share, item
+                check = [max(rows, key=lambda p: (p.throughput_tokens_per_s, -p.batch))]
+                if slo > 0:
+                    within = best_within_slo(rows, slo)
+                    check += [within] if within else []
+                    check += [p for p in rows if p.latency_p95_ms is not None
+                              and abs(p.latency_p95_ms / slo - 1.0) <= grid.slo_margin]
+                for p in check:
+                    item = ProbeItem(stage, dict(p.config), dict(p.workload))
+                    if (_key(item), share) not in measured:
+                        yield share, item
 
 
 def _point(model: str, device: str, share: float, m: Measurement, now: float) -> ProfilePoint:

@@ -211,7 +211,7 @@ class TuningTable:
     ) -> list[ProfilePoint]:
         """One point per config at `share`, measured there or estimated from the config's
         measurements at other shares (the adaptive profile does not measure every config at
-        every share). Estimates: linear between the two nearest measured shares; above the
+        every share). Estimates: a power law between the two nearest measured shares; above the
         largest, its figures (past the knee, more share buys nothing); below the smallest,
         throughput in proportion to the share and latency in inverse proportion (compute-bound).
         `workload`: only the rows of the profiled workload nearest to it (see nearest_workload).
@@ -288,10 +288,16 @@ class TuningTable:
             raise ValueError(f"{path} is not a tuning table export: {exc}") from exc
 
 
-def _lerp(a: float | None, b: float | None, t: float) -> float | None:
+def _interpolate(a: float | None, b: float | None, t: float) -> float | None:
+    """Between a (at share lo) and b (at share hi), t = log(s/lo) / log(hi/lo): a power law
+    through both ends (log-log linear). Below the knee a stage slows as a power of the share;
+    above it nothing changes; the knee search leaves the kink between two adjacent measured
+    shares, so a power law is exact on either side of it where linear interpolation is not."""
     if a is None or b is None:
         return a if b is None else b
-    return a + t * (b - a)
+    if a <= 0 or b <= 0:
+        return a + t * (b - a)
+    return a * (b / a) ** t
 
 
 def _estimate(by_share: dict[float, ProfilePoint], share: float) -> ProfilePoint:
@@ -310,12 +316,12 @@ def _estimate(by_share: dict[float, ProfilePoint], share: float) -> ProfilePoint
         return replace(hi, share=share, throughput_tokens_per_s=hi.throughput_tokens_per_s * f,
                        latency_p50_ms=scale(hi.latency_p50_ms), latency_p95_ms=scale(hi.latency_p95_ms))
     lo = by_share[below[-1]]
-    t = (share - below[-1]) / (above[0] - below[-1])
+    t = math.log(share / below[-1]) / math.log(above[0] / below[-1])
     return replace(
         lo, share=share,
-        throughput_tokens_per_s=_lerp(lo.throughput_tokens_per_s, hi.throughput_tokens_per_s, t) or 0.0,
-        latency_p50_ms=_lerp(lo.latency_p50_ms, hi.latency_p50_ms, t),
-        latency_p95_ms=_lerp(lo.latency_p95_ms, hi.latency_p95_ms, t),
+        throughput_tokens_per_s=_interpolate(lo.throughput_tokens_per_s, hi.throughput_tokens_per_s, t) or 0.0,
+        latency_p50_ms=_interpolate(lo.latency_p50_ms, hi.latency_p50_ms, t),
+        latency_p95_ms=_interpolate(lo.latency_p95_ms, hi.latency_p95_ms, t),
         samples=min(lo.samples, hi.samples),
     )
 
