@@ -54,6 +54,7 @@ from ..common.server import GrpcService
 from ..common.store import connect
 from ..proto import externalscaler_pb2 as pb
 from ..proto import externalscaler_pb2_grpc as pb_grpc
+from .capacity import TableCapacitySource
 from .checkpoint import CheckpointStore, DecisionRecord
 from .config import ScalerConfig
 from .metadata import MODE_DESIRED, MetadataError, Trigger, parse_trigger
@@ -97,6 +98,7 @@ class ScalerService(GrpcService):
         self.store = connect(config.store_url)  # lazy: GetMetricSpec works with the store down
         self.signals = SignalSource(self.store, config.signal_max_age_s)
         self.checkpoints = CheckpointStore(self.store, config.checkpoint_ttl_s)
+        self.capacity = TableCapacitySource(self.store)  # per-pod capacity from the tuning table
         self.stopping = asyncio.Event()
         self.open_streams = 0
         self._triggers: dict[tuple[tuple[str, str], ...], Trigger] = {}
@@ -148,7 +150,8 @@ class ScalerService(GrpcService):
         if stored is not None and stored.is_fresh(now, trigger.decision_interval_s, trigger.mode):
             return self._remember(key, stored)
         view = await self.signals.read(trigger.store_prefix, trigger.stage, now)
-        decision, state = decide(view.signals, trigger.policy, stored.state if stored else ControllerState())
+        policy = await self.capacity.policy_for(trigger.store_prefix, trigger.policy, view)
+        decision, state = decide(view.signals, policy, stored.state if stored else ControllerState())
         if trigger.mode == MODE_DESIRED:
             value = float(decision.desired)
         else:

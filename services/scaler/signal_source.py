@@ -42,6 +42,9 @@ GATEWAY_STAGE = "gateway"
 class StageView:
     signals: StageSignals
     active: bool  # the stage has work (queued, running or arriving), or work waits for it
+    shares: tuple[float, ...] = ()  # the live workers' device shares (per-pod capacity, tuner table)
+    model: str = ""  # what the live workers serve, and on what device
+    device: str = ""
 
 
 def _p95_s(reports: list[LoadReport], field_name: str) -> float | None:
@@ -98,7 +101,9 @@ def stage_view(
         ttft_p95_s=_p95_s(everyone, "ttft_ms_p95"),
         itl_p95_s=_p95_s(everyone, "itl_ms_p95"),
     )
-    return StageView(signals, is_active(stage, workers, gateways))
+    first = live[0] if live else None
+    return StageView(signals, is_active(stage, workers, gateways), tuple(w.gpu_share for w in live),
+                     first.model if first else "", first.device if first else "")
 
 
 Reports = tuple[list[LoadReport], list[LoadReport], int | None]  # workers, gateways, asked
