@@ -39,6 +39,7 @@ class UpOptions:
     scaledobjects: str = ""  # folder of ScaledObject YAML; empty: k8s/local (tiny model on CPU)
     events: str = ""  # append scaling events here as JSON lines
     cold_start_wait_s: float = 60.0  # with --autoscale: how long the gateway holds a request at zero decode workers
+    tune: bool = False  # one tuner sidecar per worker (services/tuner/sidecar.py), fed by the tuning table
 
 
 class Stack:
@@ -55,9 +56,13 @@ class Stack:
         self.worker_env: dict[str, str] = {}
         self.autoscaling: Autoscaling | None = None
         self.ready_counts: dict[str, int] = {}
+        self.tuners: list[tuple[subprocess.Popen, subprocess.Popen]] = []  # (worker, its sidecar), with --tune
         self._lock = threading.Lock()
 
     def _spawn(self, role: str, env: dict[str, str]) -> None:
+        tuned = self.opts.tune and role in ("prefill", "decode")
+        if tuned:  # the sidecar must know where its worker listens
+            env = {**env, "ELASTUNE_PORT": str(free_port())}
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         # Own sessions: a terminal's Ctrl-C reaches only this launcher, which stops the
         # stack in order (gateway, then draining workers, then the store).
@@ -66,6 +71,27 @@ class Stack:
         )
         with self._lock:
             self.procs.append((role, proc))
+        if tuned:
+            tuner_env = {**full_env, "ELASTUNE_WORKER": f"{self.opts.host}:{env['ELASTUNE_PORT']}"}
+            tuner_env.pop("ELASTUNE_PORT")
+            tuner = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "tuner"], env=tuner_env,
+                                     start_new_session=True)
+            with self._lock:
+                self.tuners.append((proc, tuner))
+
+    def _stop_tuners(self, everyone: bool = False) -> None:
+        """SIGTERM the sidecars whose worker exited (or all of them)."""
+        with self._lock:
+            done = [(w, t) for w, t in self.tuners if everyone or w.poll() is not None]
+            self.tuners = [pair for pair in self.tuners if pair not in done]
+        for _, tuner in done:
+            if tuner.poll() is None:
+                tuner.send_signal(signal.SIGTERM)
+        for _, tuner in done:
+            try:
+                tuner.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                tuner.kill()
 
     # ---- ReplicaController ----
 
@@ -108,6 +134,8 @@ class Stack:
         threads = o.threads or max(1, (os.cpu_count() or 2) // max(workers, 1))
         common = {"ELASTUNE_MODEL_DIR": self.model_dir, "REDIS_URL": self.store_url, "ELASTUNE_HOST": o.host}
         self.worker_env = {**common, "ELASTUNE_THREADS": str(threads)}
+        if o.tune:  # workers report their CPU share, which the sidecars and the scaler look up
+            self.worker_env["ELASTUNE_GPU_SHARE"] = f"{min(1.0, threads / (os.cpu_count() or 1)):g}"
         for _ in range(o.prefill):
             self._spawn("prefill", self.worker_env)
         for _ in range(o.decode):
@@ -147,6 +175,7 @@ class Stack:
             gone = [(r, p) for r, p in self.procs if p.poll() is not None]
             for entry in gone:
                 self.procs.remove(entry)
+        self._stop_tuners()
         return [(r, p.returncode) for r, p in gone]
 
     def stop(self) -> None:
@@ -163,6 +192,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self._stop_tuners(everyone=True)
         if self.store is not None:
             self.store.terminate()
             self.store.wait(timeout=10)
