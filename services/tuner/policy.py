@@ -115,7 +115,7 @@ def decide(
         first = state.share is None
         state.share = share
         choice = choose(rows, load, slo)
-        reason = "best" if first else "share_change"
+        reason = choice.reason if first else "share_change"
         return Decision(choice.config if choice.config != current else None, reason, choice, observation)
 
     if state.exploring is not None:

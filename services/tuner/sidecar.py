@@ -28,6 +28,7 @@ from ..common.store import connect
 from ..common.tasks import spawn
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
+from .capacity import resolve_device
 from .config import TunerConfig
 from .metrics import TunerMetrics
 from .policy import Decision, TunerState, decide
@@ -83,12 +84,7 @@ class TunerSidecar:
         return detect_share(hardware, reported=report.gpu_share)
 
     def device(self, report: LoadReport) -> str:
-        if self.config.device_kind:
-            return self.config.device_kind
-        if report.device == "cpu":
-            return "cpu"
-        gpus = [d for m, s, d in self.table.groups() if m == report.model and s == report.stage and d != "cpu"]
-        return gpus[0] if gpus else report.device
+        return self.config.device_kind or resolve_device(self.table, report.model, report.stage, report.device)
 
     async def _refresh_table(self) -> None:
         if self._store is None:
