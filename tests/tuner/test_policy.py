@@ -128,3 +128,20 @@ def test_share_detection_and_share_environments() -> None:
     assert mps.child_env(0.3)["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
     for share in mps.grid(0.1):  # every MPS share round-trips through the environment
         assert detect_share(mps.child_env(share)) == pytest.approx(share)
+
+
+def test_a_cpu_share_pins_the_process_to_that_many_cores_and_threads() -> None:
+    import os
+
+    import torch
+
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    before = (set(cores), torch.get_num_threads())
+    try:
+        mechanism = ShareMechanism("cpu", cores)
+        mechanism.apply_in_process(1 / len(cores))
+        assert os.sched_getaffinity(0) == {cores[0]}
+        assert torch.get_num_threads() == 1
+    finally:
+        os.sched_setaffinity(0, before[0])
+        torch.set_num_threads(before[1])
