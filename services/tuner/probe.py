@@ -19,7 +19,7 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,20 @@ def _decode(runner, item: ProbeItem, warmup: int, reps: int) -> Measurement:
     from ..decode.sequence import Sequence
 
     batch, context = item.config["max_batch_size"], item.workload["context_len"]
+    full = runner.config
+    needed = context + warmup + reps + 1
+    if needed > full.max_model_len:
+        raise ValueError(f"context_len {context} leaves no room in the model's {full.max_model_len}-token window")
     loop = asyncio.new_event_loop()  # the engine hands tokens to a loop; nobody listens here
     try:
-        engine = DecodeEngine(runner, batch, batch, loop)
-        if context + warmup + reps + 1 > engine.slot_tokens:
-            raise ValueError(f"context_len {context} leaves no room in a {engine.slot_tokens}-token slot")
+        # KV slots as long as this measurement needs, not the model's whole window: batch 64 of
+        # 8k-token slots of an 8B model would not fit next to its weights. A step attends over
+        # the positions in use only, so the slot length does not change its time.
+        runner.config = replace(full, max_position_embeddings=needed)
+        try:
+            engine = DecodeEngine(runner, batch, batch, loop)
+        finally:
+            runner.config = full
         params = SamplingParams(max_tokens=1 << 30, temperature=0.0, ignore_eos=True)
         for i in range(batch):
             tokens = [(11 + 17 * i + 5 * j) % runner.config.vocab_size for j in range(context)]
