@@ -141,6 +141,33 @@ def test_prefill_worker_killed_with_queued_prompts(up, store):
     assert len(stream_tokens(c, prompt(200, 30))) == 64
 
 
+def test_decode_worker_frozen_mid_stream(up, store):
+    """SIGSTOP: no RST, as when a node vanishes. Keepalive pings find the silent worker (services/common/
+    server.py), the gateway resumes its streams elsewhere; once thawed, the worker registers again."""
+    c = client(up.base)
+    texts = [prompt(500 + i, i % 3) for i in range(6)]
+    with ThreadPoolExecutor(len(texts)) as pool:
+        expected = list(pool.map(lambda t: stream_tokens(c, t, 400), texts))
+        victim = workers(store, "decode")[0]
+        running = [pool.submit(stream_tokens, c, t, 400) for t in texts]
+        deadline = time.monotonic() + 20
+        while admin(victim.address).GetLoad(pb.Empty(), timeout=5).running_seqs < 2:
+            assert time.monotonic() < deadline, "no sequence running on the decode worker"
+            time.sleep(0.01)
+        os.kill(pid_of(victim.worker_id), signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            got = [f.result(timeout=60) for f in running]
+            waited = time.monotonic() - frozen_at
+        finally:
+            os.kill(pid_of(victim.worker_id), signal.SIGCONT)
+    assert got == expected
+    assert waited < 30  # keepalive (about 10 s), not the request timeout (300 s)
+    wait_for(lambda: victim.worker_id in {w.worker_id for w in workers(store, "decode")}, 15,
+             "the thawed worker registered again")
+    wait_for(lambda: health(up.base).get("decode") == 2, 15, "the thawed worker routed to again")
+
+
 def test_decode_worker_killed_mid_stream(up, store):
     c = client(up.base)
     texts = [prompt(300 + i, i % 3) for i in range(8)]
