@@ -10,6 +10,9 @@ import numpy as np
 
 FLAT_MIB = 16.0  # growth over a run below this (or below FLAT_FRACTION of the start) counts as flat:
 FLAT_FRACTION = 0.03  # allocator arenas and caches settle by a few MiB without being a leak
+# Growth is measured between the first and the last fifth of the settled run (means), not from the slope:
+# allocators grow in steps (a new high-water mark when the largest batch so far arrives), and a line fitted
+# through one step reads as a leak; a leak keeps growing into the last fifth.
 
 
 def _stat(pid: int) -> tuple[int, str] | None:
@@ -65,8 +68,14 @@ def slope_per_min(times_s: list[float], values: list[float]) -> float:
     return float(np.polyfit(np.asarray(times_s), np.asarray(values), 1)[0]) * 60.0
 
 
-def is_flat(start_mib: float, slope_mib_per_min: float, minutes: float) -> bool:
-    return slope_mib_per_min * minutes <= max(FLAT_MIB, FLAT_FRACTION * start_mib)
+def growth_mib(values: list[float]) -> float:
+    """Mean of the last fifth minus mean of the first fifth."""
+    k = max(1, len(values) // 5)
+    return float(np.mean(values[-k:]) - np.mean(values[:k])) if values else 0.0
+
+
+def is_flat(start_mib: float, growth: float) -> bool:
+    return growth <= max(FLAT_MIB, FLAT_FRACTION * start_mib)
 
 
 class RssSampler:
@@ -107,11 +116,11 @@ class RssSampler:
         for pid, rows_of in sorted(by_pid.items(), key=lambda kv: kv[1][0]["role"]):
             settled = [s for s in rows_of if s["t"] >= warmup_fraction * span] or rows_of
             slope = slope_per_min([s["t"] for s in settled], [s["rss_mib"] for s in settled])
-            minutes = (settled[-1]["t"] - settled[0]["t"]) / 60.0
+            growth = growth_mib([s["rss_mib"] for s in settled])
             rows.append({
                 "pid": pid, "role": rows_of[0]["role"], "samples": len(rows_of),
                 "start_mib": rows_of[0]["rss_mib"], "end_mib": rows_of[-1]["rss_mib"],
                 "max_mib": max(s["rss_mib"] for s in rows_of), "slope_mib_per_min": round(slope, 3),
-                "flat": is_flat(settled[0]["rss_mib"], slope, minutes),
+                "growth_mib": round(growth, 2), "flat": is_flat(settled[0]["rss_mib"], growth),
             })
         return rows

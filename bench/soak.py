@@ -189,6 +189,14 @@ def pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)) * 1000, 1) if values else None
 
 
+def print_memory(memory: list[dict]) -> None:
+    print(f"{'process':<10} {'pid':>7} {'RSS start':>10} {'end':>8} {'max':>8} {'slope MiB/min':>14} "
+          f"{'growth MiB':>11} {'flat':>5}")
+    for m in memory:
+        print(f"{m['role']:<10} {m['pid']:>7} {m['start_mib']:>10.1f} {m['end_mib']:>8.1f} {m['max_mib']:>8.1f} "
+              f"{m['slope_mib_per_min']:>14.3f} {m['growth_mib']:>11.2f} {str(m['flat']):>5}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=600.0, help="soak seconds")
@@ -259,10 +267,7 @@ def main() -> None:
           f"errors {verdict['errors']}")
     print(f"TTFT p50/p95/p99 {results['ttft_ms'][50]} / {results['ttft_ms'][95]} / {results['ttft_ms'][99]} ms, "
           f"end-to-end {results['e2e_ms'][50]} / {results['e2e_ms'][95]} / {results['e2e_ms'][99]} ms")
-    print(f"{'process':<10} {'pid':>7} {'RSS start':>10} {'end':>8} {'max':>8} {'slope MiB/min':>14} {'flat':>5}")
-    for m in memory:
-        print(f"{m['role']:<10} {m['pid']:>7} {m['start_mib']:>10.1f} {m['end_mib']:>8.1f} {m['max_mib']:>8.1f} "
-              f"{m['slope_mib_per_min']:>14.3f} {str(m['flat']):>5}")
+    print_memory(memory)
     path = out / f"soak-{commit}.json"
     path.write_text(json.dumps(results, indent=2))
     print(f"wrote {path}")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from bench.procs import RssSampler, is_flat, slope_per_min, tree
+from bench.procs import RssSampler, growth_mib, is_flat, slope_per_min, tree
 from bench.soak import Outcome, Soak
 
 
@@ -36,9 +36,11 @@ def test_slope_and_flatness():
     times = [0.0, 60.0, 120.0, 180.0]
     assert abs(slope_per_min(times, [100.0, 102.0, 104.0, 106.0]) - 2.0) < 1e-9
     assert slope_per_min([0.0], [1.0]) == 0.0
-    assert is_flat(500.0, 0.5, 10.0)  # 5 MiB over 10 minutes
-    assert not is_flat(500.0, 5.0, 10.0)  # 50 MiB over 10 minutes: a leak
-    assert is_flat(2000.0, 5.0, 10.0)  # within 3% of a large process
+    leak = [400.0 + 5.0 * i for i in range(10)]  # 5 MiB per sample, to the end
+    step = [380.0] * 5 + [392.0] * 5  # one new high-water mark, then flat
+    assert growth_mib(leak) == 40.0 and not is_flat(400.0, growth_mib(leak))
+    assert growth_mib(step) == 12.0 and is_flat(380.0, growth_mib(step))
+    assert is_flat(2000.0, 50.0)  # within 3% of a large process
 
 
 def test_sampler_follows_a_process_tree():
