@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -148,3 +149,34 @@ def stream_tokens(c: openai.OpenAI, text: str, max_tokens: int = MAX_TOKENS) -> 
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "length", f"stream ended with finish_reason={finish!r} after {len(tokens)} tokens"
     return tokens
+
+
+class Prober:
+    """Short requests, one after another, for as long as a fault lasts: every one must succeed."""
+
+    def __init__(self, base: str):
+        self.client = client(base, timeout_s=60)
+        self.done = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                out = self.client.completions.create(model="tiny", prompt=f"probe {i}", max_tokens=4, temperature=0)
+                assert out.usage.completion_tokens >= 1
+                self.done += 1
+            except (openai.APIError, AssertionError) as exc:
+                self.failures.append(f"{type(exc).__name__}: {exc}")
+            time.sleep(0.05)
+
+    def __enter__(self) -> "Prober":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=70)

@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from services.launcher import REPO
-from tests.fault.harness import children, client, health, prompt, start_up, stop_up, stream_tokens, wait_for
-from tests.fault.test_worker_faults import Prober
+from tests.fault.harness import (
+    Prober, children, client, health, prompt, start_up, stop_up, stream_tokens, wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
