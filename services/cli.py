@@ -68,6 +68,20 @@ def _store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _drain(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .common.drain import drain
+
+    try:
+        remaining = drain(args.address, args.grace)
+    except grpc.RpcError as exc:
+        print(f"elastune: drain {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    print(f"drained {args.address}: {remaining} sequences still running", flush=True)
+    return 0 if remaining == 0 else 1
+
+
 def _protos(args: argparse.Namespace) -> int:
     from .proto.generate import generate
 
@@ -114,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .tuner.commands import add_commands as add_tuner_commands
 
     add_tuner_commands(sub)
+
+    drain = sub.add_parser("drain", help="drain a worker through its Admin RPC (a Kubernetes preStop hook)")
+    drain.add_argument("--address", required=True, help="the worker's gRPC address, e.g. 127.0.0.1:50052")
+    drain.add_argument("--grace", type=float, default=0.0, help="seconds the worker may take (0: its drain_grace_s)")
+    drain.set_defaults(func=_drain)
 
     protos = sub.add_parser("protos", help="regenerate the gRPC stubs from protos/")
     protos.set_defaults(func=_protos)

@@ -15,11 +15,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
+KEEPALIVE_MS = 5000  # a peer that stops answering pings for this long after one is declared gone
+
 # KV chunks can be large; the default 4 MiB receive limit is too small for real models.
+# Keepalive: a peer that froze or whose node vanished sends no RST, so without pings a token stream would
+# wait for the request's whole timeout. With them, a call to a silent peer fails UNAVAILABLE within about
+# 2 x KEEPALIVE_MS (the gateway then resumes the stream elsewhere), and a server drops streams of a client
+# that is gone (freeing their KV). Pings only while calls are open; the server accepts them that often.
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_MS),  # what grpc core 1.85 waits for a ping's ack (default 60 s)
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),  # a server stream sends the client no data: keep pinging
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS - 1000),
 ]
 
 

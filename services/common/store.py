@@ -36,6 +36,12 @@ class EmbeddedStore:
     def url(self) -> str:
         return self._server.connection_url
 
+    @property
+    def pid(self) -> int | None:
+        """The valkey-server process (a child of this one), for fault tests that kill the store itself."""
+        process = self._server._process
+        return process.pid if process is not None else None
+
     def stop(self) -> None:
         self._server.stop()
 

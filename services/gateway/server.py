@@ -61,7 +61,8 @@ class Gateway(GrpcService):
         )
         self._store = connect(self.config.store_url)
         self.pipeline = Pipeline(
-            WorkerDirectory(self._store, self.config.store_prefix),
+            # hold_s: a store that restarted empty does not empty the routing view (see WorkerDirectory)
+            WorkerDirectory(self._store, self.config.store_prefix, hold_s=self.config.heartbeat_ttl_s),
             self.config.refresh_s,
             self.config.retries,
             self.config.overload_retry_after_s,

@@ -193,3 +193,46 @@ def test_load_report_round_trip_without_config_and_finite_slack():
     assert back.config is None
     assert back.oldest_deadline_slack_s == 2.5
     assert back.kv_free_tokens == 0
+
+
+async def test_heartbeats_register_again_after_the_store_lost_everything(store, prefix):
+    reg = _registration(store, prefix, lambda: _report("w-back", timestamp_unix=time.time()))
+    directory = WorkerDirectory(store, prefix)
+    await reg.start()
+    try:
+        # what a restarted, empty store looks like to the worker
+        await store.delete(keys.worker_report(prefix, "w-back"), keys.stage_workers(prefix, "decode"))
+        assert await directory.workers("decode") == []
+
+        async def back():
+            return [w.worker_id for w in await directory.workers("decode")] == ["w-back"]
+
+        await _wait_until(back, timeout=3 * INTERVAL_S + 1.0)
+    finally:
+        await reg.stop()
+
+
+async def test_router_directory_holds_fresh_workers_missing_from_the_store(store, prefix):
+    fresh = _registration(store, prefix, lambda: _report("w-fresh", timestamp_unix=time.time()))
+    leaving = _registration(store, prefix, lambda: _report("w-leaving", timestamp_unix=time.time(), draining=True))
+    router = WorkerDirectory(store, prefix, hold_s=TTL_S)
+    plain = WorkerDirectory(store, prefix)
+    for r in (fresh, leaving):
+        await r.publish()
+    assert {w.worker_id for w in await router.workers("decode")} == {"w-fresh", "w-leaving"}
+    await store.delete(keys.stage_workers(prefix, "decode"), keys.worker_report(prefix, "w-fresh"),
+                       keys.worker_report(prefix, "w-leaving"))
+    assert await plain.workers("decode") == []
+    # the fresh worker stays routable (its report is younger than hold_s); a draining one is never held
+    assert [w.worker_id for w in await router.workers("decode")] == ["w-fresh"]
+    await asyncio.sleep(TTL_S + 0.1)
+    assert await router.workers("decode") == []  # no heartbeat came back: it leaves like an expired key
+
+
+async def test_router_directory_does_not_hold_a_stale_report(store, prefix):
+    stale = _registration(store, prefix, lambda: _report("w-stale", timestamp_unix=time.time() - 10 * TTL_S))
+    router = WorkerDirectory(store, prefix, hold_s=TTL_S)
+    await stale.publish()
+    assert [w.worker_id for w in await router.workers("decode")] == ["w-stale"]
+    await stale.stop()
+    assert await router.workers("decode") == []

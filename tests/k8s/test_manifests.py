@@ -4,6 +4,7 @@ elastic serving safe hold (drain time, probes, GPU request == limit, non-root, t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,12 @@ K8S = REPO / "k8s"
 COMPOSE = REPO / "docker" / "compose.yaml"
 OVERLAYS = ("cpu", "gpu-mps", "gpu-mig")
 GPU_OVERLAYS = ("gpu-mps", "gpu-mig")
-WORKERS = ("elastune-prefill", "elastune-decode")
+WORKERS = ("elastune-prefill", "elastune-decode", "elastune-experts-g0")
+TUNED = ("elastune-prefill", "elastune-decode")  # worker pods with the tuner sidecar
+PORTS = {"elastune-prefill": 50051, "elastune-decode": 50052, "elastune-experts-g0": 50053, "elastune-scaler": 9090}
+# The longest generation a decode pod may have to finish when it cannot migrate it: 2048 tokens (the gateway's
+# max_tokens_limit) at ~40 ms/token. terminationGracePeriodSeconds must be at least twice that.
+P99_GENERATION_S = 80
 K8S_VERSION = "1.33.0"  # the Kubernetes API version the core objects are validated against
 CORE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Service", "ConfigMap", "Namespace", "PodDisruptionBudget"}
 INT32 = (-(2**31), 2**31 - 1)
@@ -48,6 +54,13 @@ def _named(docs, kind: str, name: str) -> dict[str, Any]:
     return doc
 
 
+def _container(docs, deployment: str, name: str | None = None) -> dict[str, Any]:
+    """The named container of a Deployment's pods (default: the one named after its role)."""
+    name = name or deployment.removeprefix("elastune-").split("-")[0]
+    (c,) = [c for c in _named(docs, "Deployment", deployment)["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return c
+
+
 def _pod_specs(docs) -> list[tuple[str, dict[str, Any]]]:
     return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
             for d in docs if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
@@ -72,7 +85,7 @@ def test_base_kustomization_lists_every_manifest_in_the_namespace() -> None:
     listed = set(kustomization["resources"])
     present = {p.name for p in (K8S / "base").glob("*.yaml") if p.name != "kustomization.yaml"}
     assert listed == present
-    assert {"scaledobject-prefill.yaml", "scaledobject-decode.yaml"} <= listed
+    assert {"scaledobject-prefill.yaml", "scaledobject-decode.yaml", "scaledobject-experts-g0.yaml"} <= listed
 
 
 # ---- rendering and schema validation ----
@@ -83,11 +96,12 @@ def test_overlay_renders_the_whole_stack(overlay: str) -> None:
     names = {(d["kind"], d["metadata"]["name"]) for d in docs}
     for role in ("gateway", "prefill", "decode", "scaler", "valkey"):
         assert ("Deployment", f"elastune-{role}") in names and ("Service", f"elastune-{role}") in names
-    for role in ("gateway", "prefill", "decode"):
+    for role in ("gateway", "prefill", "decode", "experts-g0"):
         assert ("PodDisruptionBudget", f"elastune-{role}") in names
     assert {("ScaledObject", "elastune-prefill"), ("ScaledObject", "elastune-decode"),
-            ("ServiceMonitor", "elastune-gateway"), ("Namespace", "elastune"),
-            ("ConfigMap", "elastune-config")} <= names
+            ("ScaledObject", "elastune-experts-g0"), ("Deployment", "elastune-experts-g0"),
+            ("Service", "elastune-experts-g0"), ("ServiceMonitor", "elastune-gateway"),
+            ("ServiceMonitor", "elastune-scaler"), ("Namespace", "elastune"), ("ConfigMap", "elastune-config")} <= names
     for d in docs:
         if d["kind"] != "Namespace":
             assert d["metadata"].get("namespace") == "elastune", d["metadata"]["name"]
@@ -137,7 +151,7 @@ def _keda_validator() -> Any:
 def test_rendered_scaled_objects_validate_against_the_keda_crd(overlay: str) -> None:
     validator = _keda_validator()
     scaled = _of_kind(_render(overlay), "ScaledObject")
-    assert len(scaled) == 2
+    assert len(scaled) == 3
     for doc in scaled:
         errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
         assert errors == [], doc["metadata"]["name"]
@@ -164,28 +178,82 @@ def test_scaler_service_matches_every_scaler_address(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workers_drain_within_their_grace_period(overlay: str) -> None:
+def test_workers_drain_through_the_admin_rpc_within_their_grace_period(overlay: str) -> None:
+    from services.cli import _drain, build_parser
+
     docs = _render(overlay)
     for name in WORKERS:
         pod = _named(docs, "Deployment", name)["spec"]["template"]["spec"]
-        (container,) = pod["containers"]
+        container = _container(docs, name)
         env = {e["name"]: e for e in container["env"]}
         grace = pod["terminationGracePeriodSeconds"]
         if name == "elastune-decode":
-            assert grace >= 120
-        sleep = container["lifecycle"]["preStop"]["exec"]["command"]
-        assert sleep[0] == "sleep"
-        # preStop runs before SIGTERM, inside the same grace period: sleep + drain must fit.
-        assert int(sleep[1]) + float(env["ELASTUNE_DRAIN_GRACE_S"]["value"]) < grace
+            assert grace >= 2 * P99_GENERATION_S
+        # preStop runs before SIGTERM, inside the same grace period: `elastune drain` on the worker's own
+        # port, a command line the CLI accepts, bounded so that it and the shutdown after it fit.
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "elastune"
+        args = build_parser().parse_args(command[1:])
+        assert args.func is _drain
+        assert args.address == f"127.0.0.1:{env['ELASTUNE_PORT']['value']}" == f"127.0.0.1:{PORTS[name]}"
+        assert 0 < args.grace <= float(env["ELASTUNE_DRAIN_GRACE_S"]["value"])
+        assert args.grace + 10 <= grace
         assert env["ELASTUNE_ADVERTISE_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
         assert {"configMapRef": {"name": "elastune-config"}} in container["envFrom"]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_pods_run_the_tuner_sidecar_at_the_workers_share(overlay: str) -> None:
+    docs = _render(overlay)
+    for name in TUNED:
+        pod = _named(docs, "Deployment", name)["spec"]["template"]["spec"]
+        assert pod["containers"][0]["name"] == name.removeprefix("elastune-")  # overlays patch containers/0
+        worker, tuner = _container(docs, name), _container(docs, name, "tuner")
+        assert tuner["image"] == worker["image"]
+        assert tuner["args"][:2] == ["serve", "tuner"]
+        assert tuner["args"][2:] == ["--worker", f"127.0.0.1:{PORTS[name]}"]
+        assert {"configMapRef": {"name": "elastune-config"}} in tuner["envFrom"]  # the store: the tuning table
+        w_env = {e["name"]: e.get("value") for e in worker["env"]}
+        t_env = {e["name"]: e.get("value") for e in tuner["env"]}
+        for key in ("ELASTUNE_GPU_SHARE", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
+            assert t_env.get(key) == w_env.get(key), (name, key)
+        assert _gpu_resources(tuner.get("resources", {})) == {}  # it tunes the worker, it computes nothing
+        assert tuner["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_pods_mount_the_model_cache(overlay: str) -> None:
+    docs = _render(overlay)
+    for name in WORKERS + ("elastune-gateway",):
+        pod = _named(docs, "Deployment", name)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "models" in volumes
+        worker = _container(docs, name)
+        assert {"name": "models", "mountPath": "/models"} in worker["volumeMounts"]
+        (init,) = pod["initContainers"]
+        model_dir = {e["name"]: e.get("value") for e in worker["env"]}.get("ELASTUNE_MODEL_DIR", "/models/tiny")
+        assert f"--out {model_dir}" in init["command"][-1]  # the init container fills the directory served
+
+
+def test_experts_group_is_scaled_by_its_own_scaled_object() -> None:
+    docs = _render("cpu")
+    so = _named(docs, "ScaledObject", "elastune-experts-g0")
+    assert so["spec"]["scaleTargetRef"]["name"] == "elastune-experts-g0"
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] in ("external", "external-push")
+    assert (trigger["metadata"]["stage"], trigger["metadata"]["group"]) == ("experts", "g0")
+    deployment = _named(docs, "Deployment", "elastune-experts-g0")
+    assert deployment["spec"]["replicas"] == so["spec"]["minReplicaCount"]
+    experts = _container(docs, "elastune-experts-g0")
+    assert experts["args"] == ["serve", "experts"]
+    assert {e["name"]: e.get("value") for e in experts["env"]}["ELASTUNE_EXPERT_GROUP"] == "g0"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_worker_has_grpc_probes_on_its_fixed_port(overlay: str) -> None:
     docs = _render(overlay)
-    for name, port in (("elastune-prefill", 50051), ("elastune-decode", 50052), ("elastune-scaler", 9090)):
-        (container,) = _named(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+    for name, port in PORTS.items():
+        container = _container(docs, name)
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["ELASTUNE_PORT"] == str(port)
         assert port in {p["containerPort"] for p in container["ports"]}
@@ -223,7 +291,7 @@ def test_gpus_only_in_gpu_overlays_with_request_equal_to_limit(overlay: str) -> 
                 assert gpus == {}, where
     if overlay in GPU_OVERLAYS:
         for name in WORKERS:
-            (c,) = _named(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+            c = _container(docs, name)
             assert len(_gpu_resources(c["resources"])) == 1, name
             env = {e["name"]: e.get("value") for e in c["env"]}
             assert env["ELASTUNE_DEVICE"] == "cuda"
@@ -238,20 +306,22 @@ def test_mps_overlay_splits_the_gpu_between_stages() -> None:
         pod = _named(docs, "Deployment", name)["spec"]["template"]["spec"]
         assert pod["hostIPC"] is True
         assert any(v.get("hostPath", {}).get("path") == "/tmp/nvidia-mps" for v in pod["volumes"])
-        (c,) = pod["containers"]
+        c = _container(docs, name)
         env = {e["name"]: e.get("value") for e in c["env"]}
         assert env["CUDA_MPS_PIPE_DIRECTORY"] == "/tmp/nvidia-mps"
         shares[name] = int(env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"])
         assert abs(float(env["ELASTUNE_GPU_SHARE"]) * 100 - shares[name]) < 1
-    assert shares["elastune-prefill"] > shares["elastune-decode"] and sum(shares.values()) <= 100
+    assert shares["elastune-prefill"] > shares["elastune-decode"]
+    assert shares["elastune-prefill"] + shares["elastune-decode"] <= 100  # the two stages of a node's GPU
     (daemon,) = _of_kind(docs, "DaemonSet")
     assert daemon["spec"]["template"]["spec"]["containers"][0]["command"] == ["nvidia-cuda-mps-control", "-f"]
 
 
 def test_mig_overlay_gives_each_stage_one_mig_device() -> None:
     docs = _render("gpu-mig")
-    for name, profile in (("elastune-prefill", "nvidia.com/mig-3g.40gb"), ("elastune-decode", "nvidia.com/mig-1g.10gb")):
-        (c,) = _named(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+    for name, profile in (("elastune-prefill", "nvidia.com/mig-3g.40gb"), ("elastune-decode", "nvidia.com/mig-1g.10gb"),
+                          ("elastune-experts-g0", "nvidia.com/mig-1g.10gb")):
+        c = _container(docs, name)
         assert _gpu_resources(c["resources"]) == {profile: (1, 1)}
 
 
@@ -274,7 +344,7 @@ def test_services_select_their_pods(overlay: str) -> None:
         deployment = _named(docs, "Deployment", service["metadata"]["name"])
         pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert service["spec"]["selector"].items() <= pod_labels.items()
-        names = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+        names = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in names, (service["metadata"]["name"], port)
     for pdb in _of_kind(docs, "PodDisruptionBudget"):
@@ -322,6 +392,51 @@ def test_compose_depends_on_names_real_services() -> None:
     services = _compose()["services"]
     for name, service in services.items():
         assert set(service.get("depends_on", {})) <= set(services) - {name}, name
+
+
+def _compose_problems(doc: dict[str, Any]) -> str | None:
+    """The compose-spec parser's objection (the Rust `compose_spec` crate, strict: unknown keys, bad
+    durations, ports, conditions), or None. YAML merge keys are resolved by PyYAML first, as compose does."""
+    compose_spec = pytest.importorskip("compose_spec", reason="pip install compose-spec")
+    try:
+        compose_spec.PyCompose.from_json(json.dumps(doc))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_compose_file_validates_against_the_compose_spec() -> None:
+    assert _compose_problems(_compose()) is None
+
+
+@pytest.mark.parametrize("path,value", [
+    (("services", "gateway", "depends_on", "valkey", "condition"), "service_sometimes"),
+    (("services", "decode", "stop_grace_period"), "soon"),
+    (("services", "gateway", "ports"), ["80000:8000"]),
+    (("services", "prefill", "healthcheck", "intervall"), "5s"),
+])
+def test_compose_validation_rejects_broken_files(path: tuple, value: Any) -> None:
+    doc = _compose()
+    node = doc
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    assert _compose_problems(doc) is not None
+
+
+def test_compose_references_resolve_and_every_server_has_a_health_check() -> None:
+    doc = _compose()
+    services, volumes = doc["services"], set(doc.get("volumes", {}))
+    for name, service in services.items():
+        for mount in service.get("volumes", []):
+            source = mount.split(":", 1)[0]
+            assert source.startswith(("/", ".")) or source in volumes, (name, mount)
+        if name != "model-init":  # a one-shot job
+            assert service["healthcheck"]["test"][0] == "CMD", name
+    experts = services["experts"]
+    assert experts["profiles"] == ["moe"] and "exec elastune serve experts" in experts["command"][-1]
+    assert experts["environment"]["ELASTUNE_EXPERT_GROUP"] == "g0"
+    assert "127.0.0.1:50053" in experts["healthcheck"]["test"][-1]
 
 
 @pytest.mark.parametrize("flavour", ["cpu", "cuda"])
