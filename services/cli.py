@@ -27,6 +27,11 @@ def _serve(role: str) -> int:
         from .decode.server import main
 
         asyncio.run(main(from_env(DecodeConfig)))
+    elif role == "experts":
+        from .experts.config import ExpertsConfig
+        from .experts.server import main
+
+        asyncio.run(main(from_env(ExpertsConfig)))
     elif role == "scaler":
         from .scaler.config import ScalerConfig
         from .scaler.server import main
@@ -46,6 +51,11 @@ def _up(args: argparse.Namespace) -> int:
 def _model_create(args: argparse.Namespace) -> int:
     from .engine.tiny import create_tiny_model, default_model_dir
 
+    if args.kind == "tiny-moe":
+        from .engine.tiny_moe import create_tiny_moe_model, default_moe_model_dir
+
+        print(create_tiny_moe_model(args.out or default_moe_model_dir()))
+        return 0
     out = args.out or (str(default_model_dir()) if args.kind == "tiny" else None)
     if out is None:
         print(f"elastune: give --out for model kind {args.kind!r}", file=sys.stderr)
@@ -89,14 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service (configured by ELASTUNE_* environment variables)")
-    serve.add_argument("role", choices=["gateway", "prefill", "decode", "scaler"])
+    serve.add_argument("role", choices=["gateway", "prefill", "decode", "scaler", "experts"])
     serve.set_defaults(func=lambda a: _serve(a.role))
 
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     create = model_sub.add_parser("create", help="write a tiny fixed-seed model in Hugging Face format")
-    create.add_argument("kind", choices=["tiny"])
-    create.add_argument("--out", default="", help="output directory (default: $ELASTUNE_HOME/models/tiny)")
+    create.add_argument("kind", choices=["tiny", "tiny-moe"], help="tiny: Llama; tiny-moe: Mixtral, 8 experts, top-2")
+    create.add_argument("--out", default="", help="output directory (default: $ELASTUNE_HOME/models/<kind>)")
     create.set_defaults(func=_model_create)
 
     store = sub.add_parser("store", help="run the embedded Valkey store and print its URL")
