@@ -52,11 +52,17 @@ class Placement:
 
     @classmethod
     def even(cls, num_experts: int, num_groups: int) -> "Placement":
-        """Contiguous blocks of experts in groups g0, g1, ... (sizes differ by at most one)."""
+        """Contiguous blocks of experts in groups g0, g1, ...; the first groups get one more when
+        the count does not divide evenly."""
         if not 1 <= num_groups <= num_experts:
             raise ValueError(f"num_groups must be in 1..{num_experts} (the expert count), got {num_groups}")
-        bounds = [round(i * num_experts / num_groups) for i in range(num_groups + 1)]
-        return cls(num_experts, {f"g{i}": tuple(range(bounds[i], bounds[i + 1])) for i in range(num_groups)})
+        size, extra = divmod(num_experts, num_groups)
+        groups, start = {}, 0
+        for i in range(num_groups):
+            n = size + (1 if i < extra else 0)
+            groups[f"g{i}"] = tuple(range(start, start + n))
+            start += n
+        return cls(num_experts, groups)
 
     def groups_of(self, expert: int) -> tuple[str, ...]:
         return self._of[expert]
