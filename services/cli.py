@@ -45,7 +45,7 @@ def _up(args: argparse.Namespace) -> int:
 
     return run_up(UpOptions(model=args.model, prefill=args.prefill, decode=args.decode, port=args.port,
                             host=args.host, threads=args.threads, autoscale=args.autoscale,
-                            scaledobjects=args.scaledobjects, events=args.events))
+                            scaledobjects=args.scaledobjects, events=args.events, experts=args.experts))
 
 
 def _model_create(args: argparse.Namespace) -> int:
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run the KEDA external scaler and a local autoscaler that follows KEDA and the HPA")
     up.add_argument("--scaledobjects", default="", help="ScaledObject YAML folder for --autoscale (default: k8s/local)")
     up.add_argument("--events", default="", help="with --autoscale: append scaling events to this file (JSON lines)")
+    up.add_argument("--experts", type=int, default=-1,
+                    help="MoE models: expert groups, each an experts server process (0: experts inside the workers; "
+                         "default: 2 for an MoE model). --model tiny-moe serves the tiny MoE model")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service (configured by ELASTUNE_* environment variables)")
