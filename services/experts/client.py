@@ -65,6 +65,7 @@ class _Call:
     tried: set = field(default_factory=set)
     replica: Replica | None = None
     future: object = None
+    sent_at: float = 0.0
 
 
 class RemoteExperts:
@@ -79,6 +80,7 @@ class RemoteExperts:
         self._task: asyncio.Task | None = None
         self.calls = 0
         self.retries = 0
+        self.transport_ms = 0.0  # summed over calls: wall time minus the server's expert compute
 
     # ---- event loop side ----
 
@@ -181,12 +183,15 @@ class RemoteExperts:
         call.tried.add(call.replica.worker_id)
         self._sent[call.replica.worker_id] += len(call.request.expert_ids)
         self.calls += 1
+        call.sent_at = time.perf_counter()
         call.future = self._stub(call.replica.address).Forward.future(call.request, timeout=self.config.call_timeout_s)
 
     def _wait(self, view: View, call: _Call):
         while True:
             try:
-                return call.future.result()
+                reply = call.future.result()
+                self.transport_ms += (time.perf_counter() - call.sent_at) * 1000 - reply.compute_ms
+                return reply
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE or len(call.tried) > self.config.max_retries:
                     raise ExpertsUnavailable(

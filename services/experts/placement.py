@@ -135,20 +135,23 @@ def water_fill(amount: int, loads: Sequence[int]) -> list[int]:
 
 
 def group_rates(expert_rates: Mapping[int, float], placement: Placement) -> dict[str, float]:
-    """Tokens/s each group carries if replicated experts' tokens are split evenly."""
+    """Tokens/s each group carries when the callers split replicated experts as `split_tokens`
+    does (computed in micro-tokens, so the integer water filling applies)."""
+    scale = 1e6
+    plan = split_tokens({e: round(r * scale) for e, r in expert_rates.items()}, placement)
     rates = {g: 0.0 for g in placement.groups}
-    for e, r in expert_rates.items():
-        groups = placement.groups_of(e)
-        for g in groups:
-            rates[g] += r / len(groups)
+    for shares in plan.values():
+        for g, n in shares.items():
+            rates[g] += n / scale
     return rates
 
 
 def replicate_hottest(
-    expert_rates: Mapping[int, float], placement: Placement, imbalance: float = 1.5
+    expert_rates: Mapping[int, float], placement: Placement, imbalance: float = 1.1
 ) -> Placement | None:
     """When the busiest group carries more than `imbalance` x the mean, copy its hottest expert into
-    the least-loaded group that lacks it; None when balanced enough or nothing helps."""
+    the least-loaded group that lacks it; None when balanced enough or nothing helps. Feed it the
+    per-expert token rates (`keys.expert_tokens` over time) and call it until it returns None."""
     rates = group_rates(expert_rates, placement)
     mean = sum(rates.values()) / len(rates)
     hot = max(rates, key=lambda g: (rates[g], g))
@@ -158,7 +161,9 @@ def replicate_hottest(
     for e in candidates:
         targets = [g for g in placement.groups if e not in placement.groups[g]]
         if targets:
-            return placement.replicate(e, min(targets, key=lambda g: (rates[g], g)))
+            better = placement.replicate(e, min(targets, key=lambda g: (rates[g], g)))
+            if max(group_rates(expert_rates, better).values()) < rates[hot]:
+                return better
     return None
 
 
