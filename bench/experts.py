@@ -16,8 +16,9 @@ B tokens x 2 MoE layers with top-2 routing drawn from a Zipf(s) distribution ove
 one replica per group; s = --skew; s = --skew with the hot experts replicated into other groups
 by placement updates (placement.replicate_hottest until balanced, fed with the per-expert token
 counters the servers published in the store during the skewed run); s = --skew with the hot group
-g0 at 2 then 3 replicas (placement back to even). Throughput: tokens per second through all
-MoE layers, relative to the uniform case. Goal: replicating the hot group restores >= 80%.
+g0 at 2 then 3 replicas (placement back to even); s = 0 again once the extra g0 replicas have
+drained. Throughput: tokens per second through all MoE layers, relative to the mean of the two
+uniform runs. Goal: replicating the hot group restores >= 80%.
 
 Prints tables and writes JSON with machine, device and commit to bench/results/.
 
@@ -81,6 +82,14 @@ class Servers:
             env={**self.env, "ELASTUNE_GROUP": group}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
 
+    def stop_last(self, n: int) -> None:
+        """SIGTERM the n newest servers (they drain) and wait for them."""
+        newest, self.procs = self.procs[-n:], self.procs[:-n]
+        for p in newest:
+            p.terminate()
+        for p in newest:
+            p.wait(timeout=60)
+
     def stop(self) -> None:
         for p in self.procs:
             p.terminate()
@@ -99,12 +108,14 @@ def client(loop: Loop, store_url: str, prefix: str) -> RemoteExperts:
     return remote
 
 
-def wait_replicas(loop: Loop, remote: RemoteExperts, want: dict[str, int], timeout_s: float = 120) -> None:
+def wait_replicas(loop: Loop, remote: RemoteExperts, want: dict[str, int], timeout_s: float = 120,
+                  exact: bool = False) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         loop.run(remote.refresh())
         view = remote.view
-        if view is not None and all(len(view.replicas.get(g, ())) >= n for g, n in want.items()):
+        counts = {g: len(view.replicas.get(g, ())) for g in want} if view is not None else {}
+        if counts and all(counts[g] == n if exact else counts[g] >= n for g, n in want.items()):
             return
         time.sleep(0.2)
     raise TimeoutError(f"experts servers did not register: want {want}")
@@ -112,7 +123,8 @@ def wait_replicas(loop: Loop, remote: RemoteExperts, want: dict[str, int], timeo
 
 # ---- part 1: per-step overhead of remote experts ----
 
-def decode_step_ms(model, batch: int, steps: int) -> float:
+def decode_step_ms(model, batch: int, steps: int, remote: RemoteExperts | None = None) -> tuple[float, int, float]:
+    """Median decode step ms; with `remote`, also its calls and transport ms during the steps."""
     prompt = 32
     gen = torch.Generator().manual_seed(batch)
     tokens = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=gen)
@@ -123,6 +135,7 @@ def decode_step_ms(model, batch: int, steps: int) -> float:
             cache.write_prompt(slot, layer, torch.stack((k[slot], v[slot])))
     last = logits.argmax(-1)
     slots = torch.arange(batch)
+    calls, transport = (remote.calls, remote.transport_ms) if remote else (0, 0.0)
     times = []
     for step in range(steps):
         positions = torch.full((batch,), prompt + step)
@@ -130,7 +143,9 @@ def decode_step_ms(model, batch: int, steps: int) -> float:
         out = model.decode(last, positions, slots, cache, (0, batch), prompt + step + 1)
         times.append((time.perf_counter() - start) * 1000)
         last = out.argmax(-1)
-    return statistics.median(times[3:])
+    if remote is None:
+        return statistics.median(times[3:]), 0, 0.0
+    return statistics.median(times[3:]), remote.calls - calls, remote.transport_ms - transport
 
 
 def overhead(store_url: str, batches: list[int], steps: int) -> list[dict]:
@@ -147,11 +162,9 @@ def overhead(store_url: str, batches: list[int], steps: int) -> list[dict]:
         wait_replicas(loop, remote, {"g0": 1, "g1": 1})
         for batch in batches:
             model.use_experts(None)
-            local = decode_step_ms(model, batch, steps)
+            local, _, _ = decode_step_ms(model, batch, steps)
             model.use_experts(remote)
-            calls, transport = remote.calls, remote.transport_ms
-            far = decode_step_ms(model, batch, steps)
-            calls, transport = remote.calls - calls, remote.transport_ms - transport
+            far, calls, transport = decode_step_ms(model, batch, steps, remote)
             rows.append({"batch": batch, "colocated_ms": local, "remote_ms": far, "difference_ms": far - local,
                          "calls_per_step": calls / steps, "transport_ms_per_call": transport / calls})
         loop.run(remote.stop())
@@ -241,12 +254,16 @@ def scaling(store_url: str, clients: int, skew: float, batch: int, duration_s: f
         for n in (2, 3):
             servers.start("g0")
             row(f"skew {skew}, hot group g0 x{n}", skew, {**one_each, "g0": n}, restored)
+        # the uniform baseline again, on the same 4 servers (the machine's load drifts)
+        servers.stop_last(2)
+        wait_replicas(loop, remotes[0], one_each, exact=True)
+        row("uniform, 1 replica per group (again)", 0.0, one_each, restored)
         for r in remotes:
             loop.run(r.stop())
     finally:
         loop.run(store.aclose())
         servers.stop()
-    base = rows[0]["tokens_per_s"]
+    base = (rows[0]["tokens_per_s"] + rows[-1]["tokens_per_s"]) / 2
     for r in rows:
         r["relative_to_uniform"] = r["tokens_per_s"] / base
     return rows
@@ -290,10 +307,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"experts-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({
-        "benchmark": "experts", "machine": machine(), "device": "cpu", "commit": commit(), "args": vars(args),
+        "benchmark": "experts", "machine": machine(), "load_average": os.getloadavg(), "device": "cpu", "commit": commit(), "args": vars(args),
         "overhead": over, "scaling": scale,
     }, indent=2) + "\n")
-    print(f"\nwrote {path}")
+    print(f"\nload average (1, 5, 15 min): {os.getloadavg()}; wrote {path}")
     return 0
 
 
