@@ -79,7 +79,7 @@ class Servers:
     def start(self, group: str) -> None:
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve", "experts"], cwd=REPO,
-            env={**self.env, "ELASTUNE_GROUP": group}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**self.env, "ELASTUNE_EXPERT_GROUP": group}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         ))
 
     def stop_last(self, n: int) -> None:

@@ -62,7 +62,7 @@ class Stack:
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         command = role
         if role.startswith("experts/"):  # an expert group's server: stage experts/<group>
-            command, full_env["ELASTUNE_GROUP"] = "experts", role.split("/", 1)[1]
+            command, full_env["ELASTUNE_EXPERT_GROUP"] = "experts", role.split("/", 1)[1]
             full_env.pop("ELASTUNE_EXPERTS", None)
         # Own sessions: a terminal's Ctrl-C reaches only this launcher, which stops the
         # stack in order (gateway, then draining workers, then the store).

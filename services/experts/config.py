@@ -10,7 +10,7 @@ from .placement import GROUP_NAME
 
 @dataclass(frozen=True)
 class ExpertsConfig(WorkerConfig):
-    group: str = "g0"  # the expert group this server serves (its Deployment); registers as stage experts/<group>
+    expert_group: str = "g0"  # the expert group this server serves (its Deployment); registers as stage experts/<group>
     num_groups: int = 1  # groups of the initial even placement, written if the store has none
     max_tokens_per_call: int = 65536  # rows of one Forward call; more is INVALID_ARGUMENT
     # Synthetic experts (no MoE checkpoint): this many seeded random FFNs of the sizes below, for
@@ -25,8 +25,8 @@ class ExpertsConfig(WorkerConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not GROUP_NAME.fullmatch(self.group):
-            raise ValueError(f"group {self.group!r} is invalid: want lowercase letters, digits and '-', 1-40 long")
+        if not GROUP_NAME.fullmatch(self.expert_group):
+            raise ValueError(f"expert_group {self.expert_group!r} is invalid: want lowercase letters, digits and '-', 1-40 long")
         if self.num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
         if self.max_tokens_per_call < 1:

@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 GROUP_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?")  # a Kubernetes name fragment
 
 
+GROUP_STAGE_PREFIX = "experts/"
+
+
 def stage_of(group: str) -> str:
-    """The registry stage (and scaler `stage` metadata) of an expert group."""
-    return f"experts/{group}"
+    """The registry stage of an expert group (scaler metadata: `stage: experts` and `group`)."""
+    return GROUP_STAGE_PREFIX + group
 
 
 @dataclass(frozen=True)

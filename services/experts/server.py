@@ -42,7 +42,7 @@ class ExpertsWorker(Worker):
 
     def __init__(self, config: ExpertsConfig):
         super().__init__(config, RuntimeConfig(max_batch_size=1, max_concurrency=1))
-        self.stage = stage_of(config.group)
+        self.stage = stage_of(config.expert_group)
         self.experts: CheckpointExperts | SyntheticExperts | None = None
         self.placement: Placement | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts-model")
@@ -86,9 +86,9 @@ class ExpertsWorker(Worker):
                 )
             finally:
                 await store.aclose()
-            mine = list(self.placement.groups.get(cfg.group, ()))
+            mine = list(self.placement.groups.get(cfg.expert_group, ()))
             await asyncio.get_running_loop().run_in_executor(self._executor, self.experts.load, mine)
-            log.info("experts.loaded", group=cfg.group, experts=mine, placement_version=self.placement.version)
+            log.info("experts.loaded", group=cfg.expert_group, experts=mine, placement_version=self.placement.version)
         await super().on_start()  # registers: the group's callers see this server only once it is loaded
         if self._store is not None:
             self._publisher = spawn(self._publish_tokens(), name="experts.publish_tokens")

@@ -32,12 +32,12 @@ import structlog
 
 from ..common import keys
 from ..common.load_report import LoadReport
+from ..experts.placement import GROUP_STAGE_PREFIX
 from .signals import StageSignals
 
 log = structlog.get_logger(__name__)
 
 GATEWAY_STAGE = "gateway"
-EXPERTS_GROUP_PREFIX = "experts/"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def stage_view(
     """Aggregate the reports into one instant of the stage (see the module docstring)."""
     live = [w for w in workers if not w.draining]
     # An expert group's load is the tokens routed to it, which only its servers see (the skew).
-    rate_from = gateways if gateways and not stage.startswith(EXPERTS_GROUP_PREFIX) else live
+    rate_from = gateways if gateways and not stage.startswith(GROUP_STAGE_PREFIX) else live
     everyone = live + gateways
     ready = len(live)
     signals = StageSignals(

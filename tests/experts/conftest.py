@@ -25,7 +25,7 @@ def prefix() -> str:
 
 
 def experts_config(store_url: str, prefix: str, model_dir, group: str, num_groups: int, **extra) -> ExpertsConfig:
-    return ExpertsConfig(model_dir=str(model_dir), store_url=store_url, store_prefix=prefix, group=group,
+    return ExpertsConfig(model_dir=str(model_dir), store_url=store_url, store_prefix=prefix, expert_group=group,
                          num_groups=num_groups, report_interval_s=0.2, heartbeat_ttl_s=1.0, **extra)
 
 

@@ -73,3 +73,16 @@ async def test_synthetic_expert_load_leaves_the_dense_model_exact_and_skews_the_
         await store.aclose()
         for s in servers:
             await s.stop(0.5)
+
+
+def test_scaler_metadata_group_key_names_the_expert_group():
+    from services.scaler.metadata import MetadataError, parse_trigger
+
+    assert parse_trigger({"stage": "experts", "group": "g1"}).stage == "experts/g1"
+    assert parse_trigger({"stage": "experts/g1"}).stage == "experts/g1"
+    try:
+        parse_trigger({"stage": "experts", "group": "G_1"})
+    except MetadataError as exc:
+        assert "group='G_1'" in str(exc)
+    else:
+        raise AssertionError("a bad group must be refused")
