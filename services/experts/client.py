@@ -4,7 +4,9 @@ The model thread calls `forward(layer, x, expert_ids, weights)` once per MoE lay
 splits the step's (token, expert) pairs by expert group (services/experts/placement.py), sends
 one Experts.Forward per group to that group's least-loaded replica over a synchronous gRPC
 channel (no event-loop hop in the hot path; the calls to different groups run concurrently),
-and adds the weighted partial sums back per token.
+and adds the weighted partial sums back per token. A group with several replicas and at least
+`min_pairs_per_split` pairs per replica gets its pairs split across them, so one caller's step
+keeps every replica of a hot group busy instead of relying on many callers to spread out.
 
 What the model thread reads, the placement and the live replicas, is an immutable `View` that an
 asyncio task on the worker's event loop rebuilds from the store every `refresh_s` and swaps in
@@ -41,6 +43,7 @@ from .wire import from_bytes, request
 log = structlog.get_logger(__name__)
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+FAILED_COOLDOWN_S = 5.0  # a replica whose call failed is avoided this long
 
 
 class ExpertsUnavailable(RuntimeError):
@@ -51,7 +54,8 @@ class ExpertsUnavailable(RuntimeError):
 class View:
     placement: Placement
     replicas: dict[str, tuple[Replica, ...]]  # group -> live, non-draining replicas
-    fallback: tuple[Replica, ...] = ()  # every live replica, draining ones last
+    fallback: tuple[Replica, ...] = ()  # every non-draining replica of any group
+    draining: tuple[Replica, ...] = ()  # still answering while they drain: the last resort
 
     def ready(self) -> bool:
         return all(self.replicas.get(g) for g in self.placement.groups)
@@ -77,6 +81,7 @@ class RemoteExperts:
         self._stubs: dict[str, pb_grpc.ExpertsStub] = {}
         self._channels: list[grpc.Channel] = []
         self._sent: dict[str, float] = defaultdict(float)  # tokens sent per replica since the last refresh
+        self._failed: dict[str, float] = {}  # worker id -> when a call to it last failed (it may linger in the store)
         self._task: asyncio.Task | None = None
         self.calls = 0
         self.retries = 0
@@ -101,14 +106,13 @@ class RemoteExperts:
         placement = await read_placement(self._store, self.config.store_prefix)
         if placement is None:
             return
-        replicas, everyone = {}, []
+        replicas, draining = {}, []
         for group in sorted(placement.groups):
             reports = await self._directory.workers(stage_of(group))
-            live = tuple(_replica(r) for r in reports if not r.draining)
-            replicas[group] = live
-            everyone += [(r.draining, _replica(r)) for r in reports]
-        fallback = tuple(r for _, r in sorted(everyone, key=lambda dr: (dr[0], dr[1].worker_id)))
-        self.view = View(placement, replicas, fallback)
+            replicas[group] = tuple(_replica(r) for r in reports if not r.draining)
+            draining += [_replica(r) for r in reports if r.draining]
+        fallback = tuple(r for group in sorted(replicas) for r in replicas[group])
+        self.view = View(placement, replicas, fallback, tuple(draining))
         self._sent = defaultdict(float)  # the new reports include what was sent before them
 
     async def _refresh_forever(self) -> None:
@@ -164,16 +168,25 @@ class RemoteExperts:
         calls = []
         x_host = x.detach().cpu() if x.device.type != "cpu" else x
         for group in sorted(by_group):
-            idx = torch.cat(by_group[group])  # pair indices of this group
-            rows, local = torch.unique(token_index[idx], return_inverse=True)
-            req = request(layer, x_host[rows.cpu()], local, experts[idx], w[idx])
-            calls.append(_Call(group, rows, req))
+            idx = torch.cat(by_group[group])  # pair indices of this group, by expert
+            parts = min(len(view.replicas.get(group, ())), idx.numel() // self.config.min_pairs_per_split)
+            for part in idx.tensor_split(max(parts, 1)):  # contiguous: each part has few experts
+                rows, local = torch.unique(token_index[part], return_inverse=True)
+                req = request(layer, x_host[rows.cpu()], local, experts[part], w[part])
+                calls.append(_Call(group, rows, req))
         return calls
 
     def _send(self, view: View, call: _Call) -> None:
-        candidates = [r for r in view.replicas.get(call.group, ()) if r.worker_id not in call.tried]
-        if not candidates:  # the group has no live replica left: any experts server can compute it
-            candidates = [r for r in view.fallback if r.worker_id not in call.tried]
+        now = time.monotonic()
+        candidates = []
+        # this group's replicas, then any experts server (each can compute any expert), then
+        # draining ones; servers that just failed a call only when nothing else is left
+        for pool in (view.replicas.get(call.group, ()), view.fallback, view.draining):
+            fresh = [r for r in pool if r.worker_id not in call.tried]
+            healthy = [r for r in fresh if now - self._failed.get(r.worker_id, -1e9) > FAILED_COOLDOWN_S]
+            candidates = healthy or candidates or fresh
+            if healthy:
+                break
         if not candidates:
             raise ExpertsUnavailable(
                 f"no experts server left for group {call.group} (tried {len(call.tried)}); "
@@ -198,6 +211,7 @@ class RemoteExperts:
                         f"experts group {call.group} at {call.replica.address}: {exc.code().name}: {exc.details()}"
                     ) from exc
                 log.warning("experts.client.retry", group=call.group, address=call.replica.address, code=exc.code().name)
+                self._failed[call.replica.worker_id] = time.monotonic()
                 self.retries += 1
                 self._send(self.view or view, call)
 

@@ -44,6 +44,7 @@ class ExpertsClientConfig:
     refresh_s: float = 0.5  # placement and replica loads are re-read this often
     call_timeout_s: float = 30.0  # one Experts.Forward call
     max_retries: int = 3  # other replicas tried after a replica fails (UNAVAILABLE, deadline)
+    min_pairs_per_split: int = 16  # a group's call is split across its replicas down to this many pairs each
     ready_timeout_s: float = 120.0  # at start, wait this long for a server in every group
     # Synthetic expert load for a dense model (services/experts/synthetic.py): at every layer,
     # synthetic_ratio of the tokens are also sent to synthetic_top_k of synthetic_experts experts
@@ -59,6 +60,8 @@ class ExpertsClientConfig:
             raise ValueError("refresh_s and call_timeout_s must be > 0, ready_timeout_s >= 0")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.min_pairs_per_split < 1:
+            raise ValueError(f"min_pairs_per_split must be >= 1, got {self.min_pairs_per_split}")
         if not 1 <= self.synthetic_top_k <= self.synthetic_experts:
             raise ValueError(f"synthetic_top_k must be in 1..synthetic_experts ({self.synthetic_experts})")
         if not 0 <= self.synthetic_ratio <= 1 or self.synthetic_zipf_s < 0:

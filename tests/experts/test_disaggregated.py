@@ -116,7 +116,7 @@ async def test_placement_changes_under_load_fail_no_request(store_url, prefix, t
         changes.append(placement.version)
         await asyncio.sleep(0.4)
         # 3. g1 loses its only replica (drains and stops): its calls go to other servers
-        await servers[1].stop(2.0)
+        await asyncio.wait_for(servers[1].stop(2.0), timeout=20)  # drain 1-2 s, then stop
         changes.append("g1 stopped")
 
     done = asyncio.Event()
