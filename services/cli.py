@@ -64,6 +64,18 @@ def _model_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experts_placement(args: argparse.Namespace) -> int:
+    import os
+
+    from .experts.admin import main
+
+    url = args.store or os.environ.get("REDIS_URL", "")
+    if not url:
+        print("elastune: give --store or REDIS_URL (the store the experts servers use)", file=sys.stderr)
+        return 2
+    return main(url, args.prefix, args.replicate, args.auto)
+
+
 def _store(args: argparse.Namespace) -> int:
     from .common.logging import configure_logging
     from .common.store import serve_embedded
@@ -111,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("kind", choices=["tiny", "tiny-moe"], help="tiny: Llama; tiny-moe: Mixtral, 8 experts, top-2")
     create.add_argument("--out", default="", help="output directory (default: $ELASTUNE_HOME/models/<kind>)")
     create.set_defaults(func=_model_create)
+
+    experts = sub.add_parser("experts", help="MoE expert groups")
+    experts_sub = experts.add_subparsers(dest="experts_command", required=True)
+    placement = experts_sub.add_parser("placement", help="show or change which expert groups serve which experts")
+    placement.add_argument("--store", default="", help="redis:// URL of the store (default: REDIS_URL)")
+    placement.add_argument("--prefix", default="elastune", help="store key prefix")
+    placement.add_argument("--replicate", action="append", default=[], metavar="EXPERT:GROUP",
+                           help="copy an expert into a group (repeatable; a new group name creates the group)")
+    placement.add_argument("--auto", action="store_true",
+                           help="copy hot experts into cold groups until the groups' token shares are balanced")
+    placement.set_defaults(func=_experts_placement)
 
     store = sub.add_parser("store", help="run the embedded Valkey store and print its URL")
     store.add_argument("--port", type=int, default=None)

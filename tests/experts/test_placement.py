@@ -71,3 +71,29 @@ def test_least_loaded_counts_what_this_caller_sent_since_the_report():
     assert least_loaded([a, b], {"a": 7}) is b
     with pytest.raises(ValueError):
         least_loaded([], {})
+
+
+async def test_placement_command_replicates_by_hand_and_from_the_counters(store_url):
+    import uuid
+
+    from services.common import keys
+    from services.common.store import connect
+    from services.experts.admin import update_placement
+    from services.experts.placement_store import ensure_placement, read_placement
+
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    store = connect(store_url)
+    try:
+        with pytest.raises(LookupError):
+            await update_placement(store, prefix)
+        await ensure_placement(store, prefix, Placement.even(8, 4))
+        shown = await update_placement(store, prefix, [(5, "g0")])
+        assert shown["version"] == 2 and shown["groups"]["g0"] == [0, 1, 5]
+        # skewed counters: expert 0 carries most tokens; --auto spreads it over the cold groups
+        await store.hset(keys.expert_tokens(prefix), mapping={str(e): int(1000 / (e + 1) ** 1.2) for e in range(8)})
+        before = max(group_rates({e: 1000 / (e + 1) ** 1.2 for e in range(8)}, await read_placement(store, prefix)).values())
+        shown = await update_placement(store, prefix, auto=True)
+        assert shown["version"] > 2 and len([g for g, es in shown["groups"].items() if 0 in es]) >= 2
+        assert max(shown["group_share"].values()) * sum(shown["expert_tokens"].values()) < before
+    finally:
+        await store.aclose()
