@@ -27,6 +27,11 @@ def _serve(role: str, worker: str = "") -> int:
         from .decode.server import main
 
         asyncio.run(main(from_env(DecodeConfig)))
+    elif role == "experts":
+        from .experts.config import ExpertsConfig
+        from .experts.server import main
+
+        asyncio.run(main(from_env(ExpertsConfig)))
     elif role == "scaler":
         from .scaler.config import ScalerConfig
         from .scaler.server import main
@@ -45,18 +50,36 @@ def _up(args: argparse.Namespace) -> int:
 
     return run_up(UpOptions(model=args.model, prefill=args.prefill, decode=args.decode, port=args.port,
                             host=args.host, threads=args.threads, autoscale=args.autoscale,
-                            scaledobjects=args.scaledobjects, events=args.events, tune=args.tune))
+                            scaledobjects=args.scaledobjects, events=args.events, tune=args.tune,
+                            experts=args.experts))
 
 
 def _model_create(args: argparse.Namespace) -> int:
     from .engine.tiny import create_tiny_model, default_model_dir
 
+    if args.kind == "tiny-moe":
+        from .engine.tiny_moe import create_tiny_moe_model, default_moe_model_dir
+
+        print(create_tiny_moe_model(args.out or default_moe_model_dir()))
+        return 0
     out = args.out or (str(default_model_dir()) if args.kind == "tiny" else None)
     if out is None:
         print(f"elastune: give --out for model kind {args.kind!r}", file=sys.stderr)
         return 2
     print(create_tiny_model(out, kind=args.kind))
     return 0
+
+
+def _experts_placement(args: argparse.Namespace) -> int:
+    import os
+
+    from .experts.admin import main
+
+    url = args.store or os.environ.get("REDIS_URL", "")
+    if not url:
+        print("elastune: give --store or REDIS_URL (the store the experts servers use)", file=sys.stderr)
+        return 2
+    return main(url, args.prefix, args.replicate, args.auto)
 
 
 def _store(args: argparse.Namespace) -> int:
@@ -107,19 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--events", default="", help="with --autoscale: append scaling events to this file (JSON lines)")
     up.add_argument("--tune", action="store_true",
                     help="one tuner sidecar per worker: runtime config from the tuning table (elastune profile)")
+    up.add_argument("--experts", type=int, default=-1,
+                    help="MoE models: expert groups, each an experts server process (0: experts inside the workers; "
+                         "default: 2 for an MoE model). --model tiny-moe serves the tiny MoE model")
     up.set_defaults(func=_up)
 
     serve = sub.add_parser("serve", help="run one service (configured by ELASTUNE_* environment variables)")
-    serve.add_argument("role", choices=["gateway", "prefill", "decode", "scaler", "tuner"])
+    serve.add_argument("role", choices=["gateway", "prefill", "decode", "scaler", "tuner", "experts"])
     serve.add_argument("--worker", default="", help="tuner: the worker's host:port (or ELASTUNE_WORKER)")
     serve.set_defaults(func=lambda a: _serve(a.role, a.worker))
 
     model = sub.add_parser("model", help="model utilities")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     create = model_sub.add_parser("create", help="write a tiny fixed-seed model in Hugging Face format")
-    create.add_argument("kind", choices=["tiny"])
-    create.add_argument("--out", default="", help="output directory (default: $ELASTUNE_HOME/models/tiny)")
+    create.add_argument("kind", choices=["tiny", "tiny-moe"], help="tiny: Llama; tiny-moe: Mixtral, 8 experts, top-2")
+    create.add_argument("--out", default="", help="output directory (default: $ELASTUNE_HOME/models/<kind>)")
     create.set_defaults(func=_model_create)
+
+    experts = sub.add_parser("experts", help="MoE expert groups")
+    experts_sub = experts.add_subparsers(dest="experts_command", required=True)
+    placement = experts_sub.add_parser("placement", help="show or change which expert groups serve which experts")
+    placement.add_argument("--store", default="", help="redis:// URL of the store (default: REDIS_URL)")
+    placement.add_argument("--prefix", default="elastune", help="store key prefix")
+    placement.add_argument("--replicate", action="append", default=[], metavar="EXPERT:GROUP",
+                           help="copy an expert into a group (repeatable; a new group name creates the group)")
+    placement.add_argument("--auto", action="store_true",
+                           help="copy hot experts into cold groups until the groups' token shares are balanced")
+    placement.set_defaults(func=_experts_placement)
 
     store = sub.add_parser("store", help="run the embedded Valkey store and print its URL")
     store.add_argument("--port", type=int, default=None)

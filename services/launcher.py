@@ -40,6 +40,7 @@ class UpOptions:
     events: str = ""  # append scaling events here as JSON lines
     cold_start_wait_s: float = 60.0  # with --autoscale: how long the gateway holds a request at zero decode workers
     tune: bool = False  # one tuner sidecar per worker (services/tuner/sidecar.py), fed by the tuning table
+    experts: int = -1  # MoE models: expert groups served by experts processes (0: experts inside the workers; -1: 2 for an MoE model)
 
 
 class Stack:
@@ -64,10 +65,14 @@ class Stack:
         if tuned:  # the sidecar must know where its worker listens
             env = {**env, "ELASTUNE_PORT": str(free_port())}
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        command = role
+        if role.startswith("experts/"):  # an expert group's server: stage experts/<group>
+            command, full_env["ELASTUNE_EXPERT_GROUP"] = "experts", role.split("/", 1)[1]
+            full_env.pop("ELASTUNE_EXPERTS", None)
         # Own sessions: a terminal's Ctrl-C reaches only this launcher, which stops the
         # stack in order (gateway, then draining workers, then the store).
         proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "serve", role], env=full_env, start_new_session=True
+            [sys.executable, "-m", "services.cli", "serve", command], env=full_env, start_new_session=True
         )
         with self._lock:
             self.procs.append((role, proc))
@@ -127,15 +132,20 @@ class Stack:
 
     def start(self) -> None:
         o = self.opts
-        self.model_dir = str(Path(o.model).resolve()) if o.model else str(ensure_tiny_model())
+        self.model_dir = _model_dir(o.model)
         if not self.store_url:
             self.store_url = self._start_store()
-        workers = o.prefill + o.decode
+        groups = expert_groups(self.model_dir, o.experts)
+        workers = o.prefill + o.decode + len(groups)
         threads = o.threads or max(1, (os.cpu_count() or 2) // max(workers, 1))
         common = {"ELASTUNE_MODEL_DIR": self.model_dir, "REDIS_URL": self.store_url, "ELASTUNE_HOST": o.host}
         self.worker_env = {**common, "ELASTUNE_THREADS": str(threads)}
         if o.tune:  # workers report their CPU share, which the sidecars and the scaler look up
             self.worker_env["ELASTUNE_GPU_SHARE"] = f"{min(1.0, threads / (os.cpu_count() or 1)):g}"
+        if groups:  # experts first: prefill and decode wait for every group before they register
+            self.worker_env.update(ELASTUNE_EXPERTS="remote", ELASTUNE_NUM_GROUPS=str(len(groups)))
+            for group in groups:
+                self._spawn(f"experts/{group}", self.worker_env)
         for _ in range(o.prefill):
             self._spawn("prefill", self.worker_env)
         for _ in range(o.decode):
@@ -143,7 +153,7 @@ class Stack:
         gateway_env = {**common, "ELASTUNE_HTTP_PORT": str(o.port)}
         if o.autoscale:
             gateway_env["ELASTUNE_COLD_START_WAIT_S"] = str(o.cold_start_wait_s)
-            self.autoscaling = Autoscaling(self, o.scaledobjects or str(REPO / "k8s" / "local"), o.events)
+            self.autoscaling = Autoscaling(self, o.scaledobjects or str(REPO / "k8s" / "local"), o.events, groups)
             self.autoscaling.start()
         self._spawn("gateway", gateway_env)
 
@@ -200,9 +210,11 @@ class Stack:
     def banner(self) -> str:
         o = self.opts
         body = json.dumps({"model": Path(self.model_dir).name, "prompt": "Hello", "max_tokens": 16})
+        groups = expert_groups(self.model_dir, o.experts)
+        experts = f" + {len(groups)} expert groups" if groups else ""
         return (
             f"elastune is serving {self.model_dir}\n"
-            f"  {o.prefill} prefill + {o.decode} decode workers, store {self.store_url}\n"
+            f"  {o.prefill} prefill + {o.decode} decode workers{experts}, store {self.store_url}\n"
             f"  OpenAI API: {self.base_url}/v1\n"
             f"  try: curl -s {self.base_url}/v1/completions -H 'Content-Type: application/json' -d '{body}'\n"
             f"  Ctrl-C stops everything."
@@ -241,11 +253,14 @@ class Autoscaling:
     """`--autoscale`: the scaler process, and the local autoscaler on a thread of its own that
     polls it exactly as KEDA does and scales the stack's worker processes."""
 
-    def __init__(self, stack: Stack, scaledobjects_dir: str, events_path: str):
+    def __init__(self, stack: Stack, scaledobjects_dir: str, events_path: str, expert_groups: list[str] = ()):
         from .autoscaler.scaledobject import load_dir
 
         self.stack = stack
         self.objects = load_dir(scaledobjects_dir)
+        if expert_groups:  # one ScaledObject per expert group that runs (k8s/local-experts)
+            wanted = {f"experts/{g}" for g in expert_groups}
+            self.objects += [so for so in load_dir(REPO / "k8s" / "local-experts") if so.stage in wanted]
         if not self.objects:
             raise RuntimeError(f"no ScaledObject in {scaledobjects_dir}")
         self.events_path = events_path or None
@@ -299,6 +314,28 @@ class Autoscaling:
         if self._loop is not None and self._autoscaler is not None:
             asyncio.run_coroutine_threadsafe(self._autoscaler.stop(), self._loop).result(10)
         self._thread.join(timeout=10)
+
+
+def _model_dir(model: str) -> str:
+    """--model: a directory, "tiny-moe" (the tiny MoE model, created on first use), or empty (tiny)."""
+    if model == "tiny-moe":
+        from .engine.tiny_moe import ensure_tiny_moe_model
+
+        return str(ensure_tiny_moe_model())
+    return str(Path(model).resolve()) if model else str(ensure_tiny_model())
+
+
+def expert_groups(model_dir: str, requested: int) -> list[str]:
+    """Groups g0.. of experts servers to start: none for a dense model or with 0 (colocated)."""
+    from .engine.moe_config import MoeConfig, is_moe_dir
+
+    if requested == 0 or not is_moe_dir(model_dir):
+        return []
+    num_experts = MoeConfig.from_dir(model_dir).num_experts
+    count = 2 if requested < 0 else requested
+    if not 1 <= count <= num_experts:
+        raise RuntimeError(f"--experts must be in 0..{num_experts} (the model's expert count), got {requested}")
+    return [f"g{i}" for i in range(count)]
 
 
 def free_port() -> int:

@@ -25,3 +25,10 @@ def store_url():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return create_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_model(tmp_path_factory) -> Path:
+    from services.engine.tiny_moe import create_tiny_moe_model
+
+    return create_tiny_moe_model(tmp_path_factory.mktemp("models") / "tiny-moe")

@@ -218,7 +218,9 @@ def _trigger(f: _Fields, node: Any, path: str) -> Trigger:
 
 
 def _stage(f: _Fields, triggers: tuple[Trigger, ...]) -> str:
-    stages = {t.metadata["stage"] for t in triggers if "stage" in t.metadata}
+    # `stage: experts` with `group: g0` is the expert group's stage experts/g0 (services/scaler/metadata.py)
+    stages = {t.metadata["stage"] + (f"/{t.metadata['group']}" if "group" in t.metadata else "")
+              for t in triggers if "stage" in t.metadata}
     if len(stages) != 1:
         raise f.error("spec.triggers[].metadata.stage", f"must name exactly one elastune stage, got {sorted(stages)}")
     return stages.pop()

@@ -75,6 +75,7 @@ class WorkerConfig:
     heartbeat_ttl_s: float = 3.0  # a worker silent this long leaves routing
     drain_grace_s: float = 30.0  # SIGTERM: how long running work may take to finish
     gpu_share: float = 1.0  # fraction of a GPU (MPS/MIG) or of the CPU this worker has
+    experts: str = "local"  # MoE models: local (experts in this worker) or remote (the experts service)
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
@@ -83,6 +84,8 @@ class WorkerConfig:
             raise ValueError("heartbeat_ttl_s must exceed report_interval_s")
         if not 0 < self.gpu_share <= 1:
             raise ValueError(f"gpu_share must be in (0, 1], got {self.gpu_share}")
+        if self.experts not in ("local", "remote"):
+            raise ValueError(f"experts must be local or remote, got {self.experts!r}")
 
     def advertised(self, port: int) -> str:
         host = self.advertise_host or (socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host)

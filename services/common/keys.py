@@ -29,3 +29,14 @@ def scaler_checkpoint(prefix: str, namespace: str, name: str, stage: str) -> str
 def tuning_table(prefix: str) -> str:
     """The tuning table (a hash: version, table JSON), written by profiling and the tuners."""
     return f"{prefix}:tuning:table"
+
+
+def expert_placement(prefix: str) -> str:
+    """The MoE expert placement table (a hash: version, placement JSON); services/experts/placement.py."""
+    return f"{prefix}:experts:placement"
+
+
+def expert_tokens(prefix: str) -> str:
+    """Tokens computed per expert since the store started (a hash: expert index -> count), summed
+    over layers and replicas by the experts servers; rates over time show the routing skew."""
+    return f"{prefix}:experts:tokens"

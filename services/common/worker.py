@@ -35,6 +35,7 @@ class Worker(GrpcService):
         self.model_name = ""
         self._store = None
         self._registration: WorkerRegistration | None = None
+        self.remote_experts = None  # experts=remote: services.experts.client.RemoteExperts
 
     @property
     def address(self) -> str:
@@ -49,6 +50,12 @@ class Worker(GrpcService):
         await super().start()
 
     async def on_start(self) -> None:
+        if self.config.experts == "remote":  # before registering: no request may arrive without experts
+            from ..experts.client import attach_remote_experts
+
+            self.remote_experts = await attach_remote_experts(
+                self.runner.model, self.config.store_url, self.config.store_prefix
+            )
         if self.config.store_url:
             self._store = connect(self.config.store_url)
             self._registration = WorkerRegistration(
@@ -96,6 +103,8 @@ class Worker(GrpcService):
     async def on_stop(self) -> None:
         if self._registration is not None:
             await self._registration.stop()
+        if self.remote_experts is not None:
+            await self.remote_experts.stop()
         if self._store is not None:
             await self._store.aclose()
 

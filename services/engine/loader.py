@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from .model import CausalLM
 from .model_config import ModelConfig
+from .moe_config import is_moe_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,6 +70,10 @@ def _fused_state(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") -> CausalLM:
     model_dir = Path(model_dir)
+    if is_moe_dir(model_dir):  # MoE models are their own module (moe_model.py), same interface
+        from .moe_model import load_moe_model
+
+        return load_moe_model(model_dir, dtype, device)
     config = ModelConfig.from_dir(model_dir)
     dev = torch.device(device)
     with torch.device("meta"):  # no memory for weights that are overwritten at once

@@ -40,6 +40,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         model_type = raw.get("model_type", "")
+        if model_type == "mixtral" and cls is ModelConfig:  # MoE models: their own config (moe_config.py)
+            from .moe_config import MoeConfig
+
+            return MoeConfig.from_dict(raw)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

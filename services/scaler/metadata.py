@@ -6,6 +6,7 @@ MetadataError naming the key and what is allowed; the servicer turns it into INV
 | key                        | default     | allowed                                                  |
 | -------------------------- | ----------- | -------------------------------------------------------- |
 | `stage`                    | (required)  | prefill, decode, experts, experts/<group>                |
+| `group`                    | unset       | with stage experts: the expert group (= experts/<group>) |
 | `mode`                     | desired     | desired (replica count), raw (tokens/s; the HPA divides) |
 | `tokensPerSecondPerPod`    | 1000        | > 0: what one pod sustains within the SLO (profile it)   |
 | `targetUtilization`        | 0.8         | (0, 1]: the share of that capacity to plan for           |
@@ -44,7 +45,7 @@ MODES = (MODE_DESIRED, MODE_RAW)
 STAGES_ALLOWED = "prefill, decode, experts, experts/<group> (group: lowercase letters, digits, '-')"
 KEDA_KEYS = frozenset({"scalerAddress", "caCert", "tlsClientCert", "tlsClientKey", "unsafeSsl", "enableTLS"})
 KNOWN_KEYS = frozenset({
-    "stage", "mode", "tokensPerSecondPerPod", "targetUtilization", "emaHalfLifeSeconds", "sloTtftSeconds",
+    "stage", "group", "mode", "tokensPerSecondPerPod", "targetUtilization", "emaHalfLifeSeconds", "sloTtftSeconds",
     "sloItlSeconds", "queueDrainSeconds", "kvHighWatermark", "minReplicas", "maxReplicas",
     "scaleUpCooldownSeconds", "scaleDownCooldownSeconds", "deadBand", "gpuShare",
     "decisionIntervalSeconds", "storePrefix",
@@ -136,6 +137,13 @@ def _stage(meta: Mapping[str, str]) -> str:
     raw = _text(meta, "stage")
     if raw is None:
         raise MetadataError(f"scalerMetadata is missing the required key stage: want one of {STAGES_ALLOWED}")
+    group = _text(meta, "group")
+    if group is not None:  # `stage: experts` + `group: g0` is `stage: experts/g0`
+        if raw != "experts":
+            raise MetadataError(f"scalerMetadata group={group!r} needs stage experts, got stage={raw!r}")
+        if not _GROUP.fullmatch(group):
+            raise MetadataError(f"scalerMetadata group={group!r} is invalid: want lowercase letters, digits, '-'")
+        return f"experts/{group}"
     if raw in ("prefill", "decode", "experts"):
         return raw
     family, _, group = raw.partition("/")

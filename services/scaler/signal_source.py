@@ -11,7 +11,8 @@ Sources, all under one store prefix:
 Aggregation (`stage_view`, pure):
 - ready_replicas: non-draining workers;
 - token rates: the gateways' sums when any gateway reports (the arrival rates: prompt tokens
-  in, output tokens out), else the workers' sums;
+  in, output tokens out), else the workers' sums; an expert group (`experts/<group>`) always
+  uses its servers' sums: tokens routed to the group per second (services/experts/server.py);
 - queued tokens and queue length: the larger of the gateways' sum and the workers' sum. The
   gateway counts every request still waiting for a first token, which includes those queued at
   a prefill worker or waiting for a decode KV slot, so adding the two would count them twice;
@@ -31,6 +32,7 @@ import structlog
 
 from ..common import keys
 from ..common.load_report import LoadReport
+from ..experts.placement import GROUP_STAGE_PREFIX
 from .signals import StageSignals
 
 log = structlog.get_logger(__name__)
@@ -84,7 +86,8 @@ def stage_view(
 ) -> StageView:
     """Aggregate the reports into one instant of the stage (see the module docstring)."""
     live = [w for w in workers if not w.draining]
-    rate_from = gateways if gateways else live
+    # An expert group's load is the tokens routed to it, which only its servers see (the skew).
+    rate_from = gateways if gateways and not stage.startswith(GROUP_STAGE_PREFIX) else live
     everyone = live + gateways
     ready = len(live)
     signals = StageSignals(

@@ -21,6 +21,7 @@ BAD_VALUES = [
     ("stage", "experts/", "experts/<group>"),
     ("stage", "experts/Group_A", "experts/<group>"),
     ("stage", "decode/x", "experts/<group>"),
+    ("group", "g0", "needs stage experts"),  # the base metadata's stage is decode
     ("mode", "fast", "desired, raw"),
     ("mode", "", "empty"),
     ("tokensPerSecondPerPod", "0", "> 0"),
