@@ -112,18 +112,26 @@ class Attention(nn.Module):
         outs = []
         nd = batch.num_decode
         if nd:
-            keys = k_cache[batch.decode_tables].flatten(1, 2).transpose(1, 2)  # [Dd, KVH, S, D]
-            values = v_cache[batch.decode_tables].flatten(1, 2).transpose(1, 2)
+            keys = _gather(k_cache, batch.decode_tables)  # [Dd, KVH, S, D]
+            values = _gather(v_cache, batch.decode_tables)
             qd = q[:, :nd].transpose(0, 1)[:, :, None]  # [Dd, H, 1, D]
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa)
             outs.append(out.reshape(nd, -1))  # [Dd, H * D]
         for c in batch.chunks:
-            keys = k_cache[c.table].flatten(0, 1).transpose(0, 1)[None]  # [1, KVH, S, D]
-            values = v_cache[c.table].flatten(0, 1).transpose(0, 1)[None]
+            keys = _gather(k_cache, c.table[None])  # [1, KVH, S, D]
+            values = _gather(v_cache, c.table[None])
             qc = q[None, :, c.row : c.row + c.n]  # [1, H, n, D]
             out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=c.mask, enable_gqa=gqa)
             outs.append(out[0].transpose(0, 1).reshape(c.n, -1))  # [n, H * D]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """cache [blocks, block_size, KVH, D], tables [B, n] -> [B, KVH, n * block_size, D] (a
+    strided view over one copy; index_select is ~1.5x faster than advanced indexing on CPU)."""
+    b = tables.shape[0]
+    rows = cache.index_select(0, tables.flatten())  # [B * n, block_size, KVH, D]
+    return rows.view(b, -1, *cache.shape[2:]).transpose(1, 2)
 
 
 class MLP(nn.Module):
