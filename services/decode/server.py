@@ -209,7 +209,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
         added = False
         try:
-            if request.prefill_address and len(prompt) >= w.runtime.local_prefill_threshold:
+            # what is left after cached prefix blocks decides: a mostly cached prompt is cheap here
+            if request.prefill_address and len(prompt) - seq.num_computed >= w.runtime.local_prefill_threshold:
                 # aclosing: if the client goes away mid-transfer, the prefill call and the
                 # shared-memory file are released now, not when the generator is collected
                 async with aclosing(self._remote_prefill(request, seq, timings)) as firsts:
