@@ -33,8 +33,8 @@ class SeqWork:
 class Chunk:
     row: int  # first row of the chunk in the flattened batch
     n: int
-    table: torch.Tensor  # [blocks] long
-    mask: torch.Tensor  # [1, 1, n, blocks * block_size] bool: which cached keys each row sees
+    table: torch.Tensor | None  # [blocks] long; None: the chunk starts at position 0
+    mask: torch.Tensor | None  # [1, 1, n, blocks * block_size] bool: which cached keys each row sees
 
 
 @dataclass
@@ -77,6 +77,8 @@ def build_batch(work: list[SeqWork], block_size: int, device: torch.device) -> S
         if n == 1:
             dec_tables.append(used)
             dec_lens.append(w.start + 1)
+        elif w.start == 0:  # nothing cached before it: plain causal attention over its own K/V
+            chunks.append(Chunk(row, n, None, None))
         else:
             keys = torch.arange(len(used) * block_size)
             queries = torch.arange(w.start, w.start + n)

@@ -118,10 +118,14 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa)
             outs.append(out.reshape(nd, -1))  # [Dd, H * D]
         for c in batch.chunks:
-            keys = _gather(k_cache, c.table[None])  # [1, KVH, S, D]
-            values = _gather(v_cache, c.table[None])
             qc = q[None, :, c.row : c.row + c.n]  # [1, H, n, D]
-            out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=c.mask, enable_gqa=gqa)
+            if c.table is None:  # a chunk from position 0 sees only itself: no gather, no mask
+                kc, vc = k[None, :, c.row : c.row + c.n], v[None, :, c.row : c.row + c.n]  # [1, KVH, n, D]
+                out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=gqa)
+            else:
+                keys = _gather(k_cache, c.table[None])  # [1, KVH, S, D]
+                values = _gather(v_cache, c.table[None])
+                out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=c.mask, enable_gqa=gqa)
             outs.append(out[0].transpose(0, 1).reshape(c.n, -1))  # [n, H * D]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
