@@ -193,7 +193,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 f"({e.kv.capacity_tokens - (e.watermark_blocks + 1) * e.kv.block_size} tokens at most)",
             )
         seq = Sequence(
-            request.request_id, -1, prompt, len(prompt), params, seed, frozenset(cfg.eos_token_ids), e.max_seq_len,
+            request.request_id, -1, list(prompt), len(prompt), params, seed, frozenset(cfg.eos_token_ids), e.max_seq_len,
             sampling_offset=request.sampling_offset, outbox=asyncio.Queue(),
         )
         timings = pb.StageTimings()
@@ -216,8 +216,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 async with aclosing(self._remote_prefill(request, seq, timings)) as firsts:
                     async for first in firsts:
                         yield pb.TokenChunk(token_ids=[first], timings=timings)
-                if seq.generated and seq.finish_for(seq.tokens[-1]):
-                    seq.finish_reason = seq.finish_for(seq.tokens[-1])
+                seq.finish_reason = seq.finish_for(seq.tokens[-1]) if seq.generated else None
+                if seq.finish_reason:  # e.g. max_tokens 1: the first token was the whole answer
                     yield pb.TokenChunk(finish_reason=seq.finish_reason, timings=timings)
                     return
             else:

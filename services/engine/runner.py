@@ -57,13 +57,11 @@ class ModelRunner:
         """One engine step over the paged cache: the next token of every item that samples
         (None for a prefill chunk that does not reach its sequence's last token)."""
         batch = build_batch(list(work), cache.block_size, self.device)
+        logits = self.model.forward_paged(batch, cache)  # [R, V], R = items that sample
         out: list[int | None] = [None] * len(work)
-        if not batch.sampled:
-            self.model.forward_paged(batch, cache)
-            return out
-        logits = self.model.forward_paged(batch, cache)  # [R, V]
-        items = [work[i] for i in batch.sampled]
-        tokens = sample(logits, [w.params for w in items], [w.seed for w in items], [w.sample_index for w in items])
-        for i, t in zip(batch.sampled, tokens):
-            out[i] = t
+        if batch.sampled:
+            items = [work[i] for i in batch.sampled]
+            tokens = sample(logits, [w.params for w in items], [w.seed for w in items], [w.sample_index for w in items])
+            for i, t in zip(batch.sampled, tokens):
+                out[i] = t
         return out
