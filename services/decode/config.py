@@ -9,8 +9,12 @@ from ..common.config import WorkerConfig
 
 @dataclass(frozen=True)
 class DecodeConfig(WorkerConfig):
-    kv_slots: int = 64  # sequences whose KV fits in memory at once (each slot holds a full context)
+    kv_slots: int = 64  # most sequences admitted at once (seats); their KV lives in paged blocks
     max_concurrency: int = 64  # sequences admitted at once (<= kv_slots); the tuner may lower it
+    kv_cache_bytes: int = 0  # KV block pool budget on CPU; 0: kv_slots full contexts' worth
+    kv_gpu_fraction: float = 0.9  # on CUDA the pool takes this fraction of the memory free after loading
+    kv_block_size: int = 16  # tokens per KV block
+    step_token_budget: int = 512  # most tokens one engine step computes (decode rows + prompt chunks)
     max_batch_size: int = 64  # sequences per decode step; more running ones take turns
     max_waiting: int = 256  # requests waiting for a slot beyond which new ones get RESOURCE_EXHAUSTED
     local_prefill_threshold: int = 0  # prompts shorter than this are prefilled here, not remotely
@@ -20,10 +24,12 @@ class DecodeConfig(WorkerConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("kv_slots", "max_concurrency", "max_batch_size", "max_waiting"):
+        for name in ("kv_slots", "max_concurrency", "max_batch_size", "max_waiting", "kv_block_size", "step_token_budget"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_concurrency > self.kv_slots:
             raise ValueError(f"max_concurrency ({self.max_concurrency}) must be <= kv_slots ({self.kv_slots})")
+        if self.kv_cache_bytes < 0 or not 0 < self.kv_gpu_fraction <= 1:
+            raise ValueError("kv_cache_bytes must be >= 0 and kv_gpu_fraction in (0, 1]")
         if self.kv_transport not in ("auto", "grpc"):
             raise ValueError(f"kv_transport must be auto or grpc, got {self.kv_transport!r}")

@@ -1,8 +1,10 @@
-"""The decode worker's model thread: continuous batching over a slot-indexed KV cache.
+"""The decode worker's model thread: continuous batching over a paged KV cache.
 
-The event loop never touches the model. It adds sequences, aborts them, and queues local
-prefill jobs; the engine thread runs `step()` and hands tokens back to the loop with one
-`call_soon_threadsafe` per step.
+The event loop never touches the model. It reserves a seat and KV blocks for a sequence,
+writes KV shipped by a prefill worker into those blocks, and adds, aborts or detaches
+sequences; the engine thread runs `step()` (schedule -> execute -> postprocess) and hands
+tokens back to the loop with one `call_soon_threadsafe` per step. Without a loop (offline
+use: benchmarks, tests) tokens go straight into each sequence's outbox.
 """
 
 from __future__ import annotations
@@ -11,18 +13,17 @@ import asyncio
 import sys
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future
 
 import structlog
 import torch
 
 from ..common.stats import LatencyWindow, RateWindow
-from ..common.types import SamplingParams
-from ..engine.kv_cache import KvCache, SlotPool
-from ..engine.runner import ModelRunner, PrefillOutput
-from ..engine.sampler import sample
-from .scheduler import Scheduler
+from ..engine.batch import SeqWork
+from ..engine.block_manager import BlockManager, blocks_for_budget
+from ..engine.kv_cache import PagedKvCache, SlotPool
+from ..engine.profile import StepProfile, StepRecord
+from ..engine.runner import ModelRunner
+from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
 
 log = structlog.get_logger(__name__)
@@ -31,19 +32,28 @@ SWITCH_INTERVAL_S = 0.0005
 
 
 class DecodeEngine:
-    def __init__(self, runner: ModelRunner, num_slots: int, max_batch_size: int, loop: asyncio.AbstractEventLoop):
+    def __init__(
+        self, runner: ModelRunner, num_seats: int, max_batch_size: int, loop: asyncio.AbstractEventLoop | None,
+        kv_budget_bytes: int, block_size: int = 16, token_budget: int = 512, chunk_size: int = 0,
+    ):
         self.runner = runner
         self.loop = loop
-        self.slot_tokens = runner.config.max_model_len
-        self.slots = SlotPool(num_slots, self.slot_tokens)
-        self.cache = KvCache(runner.config, num_slots, self.slot_tokens, runner.dtype, runner.device)
-        self.scheduler = Scheduler(max_batch_size)
+        cfg = runner.config
+        num_blocks = blocks_for_budget(kv_budget_bytes, PagedKvCache.block_bytes(cfg, block_size, runner.dtype))
+        if num_blocks < 1:
+            raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no {block_size}-token block")
+        self.kv = BlockManager(num_blocks, block_size)
+        self.cache = PagedKvCache(cfg, num_blocks, block_size, runner.dtype, runner.device)
+        self.slots = SlotPool(num_seats, cfg.max_model_len)  # seats: sequences admitted at once
+        self.scheduler = Scheduler(self.kv, max_batch_size, token_budget, chunk_size)
+        # a new sequence is admitted only if this many blocks stay free, so running ones can grow
+        self.watermark_blocks = max(1, num_blocks // 50)
+        self.max_seq_len = min(cfg.max_model_len, self.kv.capacity_tokens)
         self.on_slot_freed = lambda: None  # set by the worker; runs on the event loop
         self.step_ms = LatencyWindow()
         self.tokens_out = RateWindow()
-        self.steps: deque[tuple[float, int, int, float]] = deque(maxlen=4096)  # (time, batch, context, ms)
+        self.profile = StepProfile()
         self._detaching: dict[int, tuple[Sequence, asyncio.Future]] = {}  # id(seq) -> waiter
-        self._jobs: deque[tuple[Future, list[int], SamplingParams, int, int]] = deque()
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
@@ -61,6 +71,34 @@ class DecodeEngine:
 
     # ---- called from the event loop ----
 
+    def reserve(self, seq: Sequence, num_tokens: int | None = None) -> bool:
+        """A seat and KV blocks for seq.tokens (or its first num_tokens positions), reusing
+        cached prefix blocks; sets seq.slot and seq.num_computed. False: no room now."""
+        seat = self.slots.allocate()
+        if seat is None:
+            return False
+        cached = self.kv.allocate(seq, seq.tokens, num_tokens, reserve=self.watermark_blocks)
+        if cached is None:
+            self.slots.free(seat)
+            return False
+        seq.slot, seq.num_computed = seat, cached
+        return True
+
+    def write_kv(self, seq: Sequence, layer: int, kv: torch.Tensor) -> None:
+        """kv [2, KVH, T, D] for positions [0, T) (shipped by a prefill worker or a peer);
+        positions already held by shared prefix blocks are skipped."""
+        self.cache.write(layer, self.kv.block_table(seq), kv, start=seq.num_computed)
+
+    def kv_written(self, seq: Sequence, num_tokens: int) -> None:
+        """Every layer's KV for positions [0, num_tokens) is in place."""
+        seq.num_computed = num_tokens
+        self.kv.commit(seq, seq.tokens, num_tokens)
+
+    def read_kv(self, seq: Sequence, num_tokens: int) -> list[torch.Tensor]:
+        """Per layer [2, KVH, num_tokens, D], contiguous (to hand a sequence to a peer)."""
+        table = self.kv.block_table(seq)
+        return [self.cache.read(layer, table, num_tokens) for layer in range(len(self.cache.k))]
+
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
         self._wakeup.set()
@@ -70,7 +108,7 @@ class DecodeEngine:
         self._wakeup.set()
 
     def detach(self, seq: Sequence) -> "asyncio.Future[bool]":
-        """Take a running sequence out of the batch, keeping its slot and KV. The future says
+        """Take a running sequence out of the batch, keeping its seat and KV. The future says
         True once it is out, False if it finished or was aborted first."""
         fut = self.loop.create_future()
         self._detaching[id(seq)] = (seq, fut)
@@ -78,25 +116,23 @@ class DecodeEngine:
         self._wakeup.set()
         return fut
 
-    def _settle_detach(self, seq: Sequence, detached: bool) -> None:
-        waiter = self._detaching.pop(id(seq), None)
-        if waiter is not None:
-            self.loop.call_soon_threadsafe(_resolve, waiter[1], detached)
-
-    def prefill(self, prompt: list[int], params: SamplingParams, seed: int, offset: int = 0) -> "asyncio.Future[PrefillOutput]":
-        """Prefill a prompt on this worker, between decode steps."""
-        fut: Future = Future()
-        self._jobs.append((fut, prompt, params, seed, offset))
-        self._wakeup.set()
-        return asyncio.wrap_future(fut, loop=self.loop)
-
-    def free_slot(self, slot: int) -> None:
-        self.slots.free(slot)
-        self.loop.call_soon_threadsafe(self.on_slot_freed)
+    def release(self, seq: Sequence) -> None:
+        """Give back a sequence's KV blocks and seat (either thread)."""
+        if self.kv.has(seq):
+            self.kv.free(seq)
+        self.slots.free(seq.slot)
+        if self.loop is None:
+            self.on_slot_freed()
+        else:
+            self.loop.call_soon_threadsafe(self.on_slot_freed)
 
     @property
     def running(self) -> int:
-        return len(self.scheduler.running)
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
+    @property
+    def kv_used_tokens(self) -> int:
+        return self.kv.num_used_blocks * self.kv.block_size
 
     # ---- the engine thread ----
 
@@ -109,70 +145,71 @@ class DecodeEngine:
                         self._wakeup.clear()
                 except Exception as exc:  # keep serving; the failed step's sequences are aborted
                     log.exception("decode.step_failed", error=repr(exc))
-                    self._fail_running(exc)
+                    self._fail_all()
+
+    def run_until_idle(self) -> None:
+        """Offline use: step until every added sequence has finished."""
+        with torch.inference_mode():
+            while self.scheduler.has_work:
+                self.step()
 
     def step(self) -> bool:
         """One scheduling round; returns False when there was nothing to do."""
-        self._run_prefill_jobs()
-        batch, released = self.scheduler.schedule()
-        for seq in released:
-            self.free_slot(seq.slot)
-            self._settle_detach(seq, False)
-        for seq in self.scheduler.detached:
-            self._settle_detach(seq, True)
-        if not batch:
-            return bool(released)
+        plan = self.scheduler.schedule()
+        self._settle(plan)
+        if not plan.work:
+            return bool(plan.released)
         start = time.perf_counter()
-        tokens = self._execute(batch)
-        self._postprocess(batch, tokens)
-        ms = (time.perf_counter() - start) * 1000
-        self.step_ms.add(ms)
-        self.steps.append((time.time(), len(batch), max(s.position for s in batch) + 1, ms))
+        sampled = self.runner.execute([self._work(seq, n) for seq, n in plan.work], self.cache)
+        self._postprocess(plan, sampled, start)
         return True
 
-    def _execute(self, batch: list[Sequence]) -> list[int]:
-        dev = self.runner.device
-        tokens = torch.tensor([s.tokens[-1] for s in batch], device=dev)  # [B]
-        positions = torch.tensor([s.position for s in batch], device=dev)  # [B]
-        slot_ids = [s.slot for s in batch]
-        slots = torch.tensor(slot_ids, device=dev)  # [B]
-        span = max(s.position for s in batch) + 1
-        logits = self.runner.model.decode(
-            tokens, positions, slots, self.cache, (min(slot_ids), max(slot_ids) + 1), span
-        )  # [B, V]
-        return sample(logits, [s.params for s in batch], [s.seed for s in batch], [s.sample_index for s in batch])
+    def _work(self, seq: Sequence, n: int) -> SeqWork:
+        done = seq.num_computed
+        return SeqWork(
+            seq.tokens[done : done + n], done, self.kv.block_table(seq), sample=done + n == len(seq.tokens),
+            params=seq.params, seed=seq.seed, sample_index=seq.sample_index,
+        )
 
-    def _postprocess(self, batch: list[Sequence], tokens: list[int]) -> None:
-        deliveries, finished = [], []
-        for seq, token in zip(batch, tokens):
-            seq.tokens.append(token)
-            seq.finish_reason = seq.finish_for(token)
-            deliveries.append((seq.outbox, token, seq.finish_reason))
-            if seq.finish_reason:
-                finished.append(seq)
-        self.scheduler.finish(finished)
-        for seq in finished:
-            self.free_slot(seq.slot)
+    def _settle(self, plan: StepPlan) -> None:
+        for seq in plan.released:
+            self.release(seq)
             self._settle_detach(seq, False)
-        self.tokens_out.add(len(batch))
-        self.loop.call_soon_threadsafe(_deliver, deliveries)
+        for seq in plan.detached:
+            self._settle_detach(seq, True)
 
-    def _run_prefill_jobs(self) -> None:
-        while self._jobs:
-            fut, prompt, params, seed, offset = self._jobs.popleft()
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(self.runner.prefill([prompt], [params], [seed], [offset])[0])
-            except Exception as exc:
-                fut.set_exception(exc)
+    def _postprocess(self, plan: StepPlan, sampled: list[int | None], start: float) -> None:
+        context = sum(seq.num_computed + n for seq, n in plan.work)
+        grew = self.scheduler.update(plan, sampled)
+        deliveries = [(seq.outbox, seq.tokens[-1], seq.finish_reason) for seq in grew]
+        for seq in grew:
+            if seq.finish_reason:
+                self.release(seq)
+                self._settle_detach(seq, False)
+        ms = (time.perf_counter() - start) * 1000
+        decode = sum(1 for _, n in plan.work if n == 1)
+        self.profile.record(StepRecord(time.time(), len(plan.work), decode, plan.num_tokens - decode, context, ms))
+        self.step_ms.add(ms)
+        self.tokens_out.add(len(grew))
+        self._deliver(deliveries)
 
-    def _fail_running(self, exc: Exception) -> None:
-        failed = list(self.scheduler.running)
+    def _deliver(self, deliveries) -> None:
+        if self.loop is None:
+            _deliver(deliveries)
+        else:
+            self.loop.call_soon_threadsafe(_deliver, deliveries)
+
+    def _settle_detach(self, seq: Sequence, detached: bool) -> None:
+        waiter = self._detaching.pop(id(seq), None)
+        if waiter is not None:
+            self.loop.call_soon_threadsafe(_resolve, waiter[1], detached)
+
+    def _fail_all(self) -> None:
+        failed = list(self.scheduler.running) + list(self.scheduler.waiting)
         self.scheduler.finish(failed)
         for seq in failed:
-            self.free_slot(seq.slot)
-        self.loop.call_soon_threadsafe(_deliver, [(s.outbox, None, "error") for s in failed])
+            self.release(seq)
+        self._deliver([(s.outbox, None, "error") for s in failed])
 
 
 def _resolve(fut: asyncio.Future, value: bool) -> None:

@@ -4,7 +4,7 @@ Out (drain): detach the sequence from the batch at a step boundary, stream its t
 sampling state and KV (positions before the last token) to a peer's `Decode.Adopt`, then
 end the client's stream with `migrated_to` + `migration_id`; the gateway continues with
 `Decode.Resume` on the peer. If the hand-over fails the sequence rejoins the local batch.
-In (adopt): reserve a slot, write the KV, start decoding at once (tokens wait in the
+In (adopt): reserve a seat and KV blocks, write the KV, start decoding at once (tokens wait in the
 sequence's outbox) and park it until `Resume` collects it or `adopt_timeout_s` passes.
 """
 
@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 import structlog
-import torch
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_transport import GRPC, KvLayout, KvReceiver, layout_of, send_chunks
@@ -51,7 +50,9 @@ class Migrations:
         if not targets:
             return
         targets = sorted(targets, key=lambda t: (t.queued_tokens, -t.kv_free_tokens))
-        seqs = [s for s in list(self.worker.sequences) if not s.finish_reason]
+        # a sequence still computing its prompt (or recomputing after a preemption) has no
+        # complete KV to send yet; the drain loop comes back for it
+        seqs = [s for s in list(self.worker.sequences) if not s.finish_reason and s.num_computed >= len(s.tokens) - 1]
         await asyncio.gather(*(self.migrate(s, targets[i % len(targets)]) for i, s in enumerate(seqs)))
 
     async def migrate(self, seq: Sequence, target: LoadReport) -> bool:
@@ -71,7 +72,7 @@ class Migrations:
             log.warning("decode.migrate_failed", request_id=seq.request_id, target=target.address, error=exc.details())
             engine.add(seq)  # carry on here; the drain waits for it
             return False
-        engine.free_slot(seq.slot)
+        engine.release(seq)
         seq.finish_reason = MIGRATED
         seq.outbox.put_nowait(((target.address, reply.migration_id), MIGRATED))
         self.sent += 1
@@ -79,9 +80,8 @@ class Migrations:
         return True
 
     async def _adopt_messages(self, seq: Sequence) -> AsyncIterator[pb.AdoptChunk]:
-        cache = self.worker.engine.cache
         n = seq.position  # KV exists for positions [0, n); tokens[n] is fed at the next step
-        layers = [torch.stack((cache.k[i][seq.slot, :, :n], cache.v[i][seq.slot, :, :n])) for i in range(len(cache.k))]
+        layers = self.worker.engine.read_kv(seq, n)
         sampling = sampling_to_proto(seq.params)
         sampling.seed = seq.seed
         yield pb.AdoptChunk(head=pb.AdoptHead(
@@ -106,24 +106,24 @@ class Migrations:
         layout = KvLayout.from_proto(head.layout)
         if layout.num_layers != w.runner.config.num_layers or layout.layer_shape[2] != len(tokens) - 1:
             raise BadRequest("adopt: the KV layout does not match this model and these tokens")
-        slot = w.engine.slots.allocate() if w.engine.slots.used < w.runtime.max_concurrency else None
-        if slot is None:
-            raise OverflowError("no free KV slot")
+        seq = Sequence(
+            head.request_id, -1, tokens, head.prompt_len, params, head.sampling.seed,
+            frozenset(w.runner.config.eos_token_ids), w.engine.max_seq_len,
+            sampling_offset=head.sampling_offset, outbox=asyncio.Queue(),
+        )
+        if w.engine.slots.used >= w.runtime.max_concurrency or not w.engine.reserve(seq, len(tokens)):
+            raise OverflowError("no free KV seat or blocks")
         try:
             receiver = KvReceiver(layout, GRPC, None)
             async for msg in messages:
                 for layer, kv in receiver.layers(msg.kv):
-                    w.engine.cache.write_prompt(slot, layer, kv)
+                    w.engine.write_kv(seq, layer, kv)
             if not receiver.complete:
                 raise BadRequest("adopt: the stream ended before the whole KV arrived")
         except BaseException:
-            w.engine.free_slot(slot)
+            w.engine.release(seq)
             raise
-        seq = Sequence(
-            head.request_id, slot, tokens, head.prompt_len, params, head.sampling.seed,
-            frozenset(w.runner.config.eos_token_ids), w.engine.slot_tokens,
-            sampling_offset=head.sampling_offset, outbox=asyncio.Queue(),
-        )
+        w.engine.kv_written(seq, len(tokens) - 1)
         migration_id = uuid.uuid4().hex
         self.parked[migration_id] = (seq, time.monotonic())
         w.engine.add(seq)

@@ -11,14 +11,16 @@ from ..common.types import FinishReason, SamplingParams
 @dataclass(eq=False)
 class Sequence:
     request_id: str
-    slot: int
-    tokens: list[int]  # prompt + output so far; tokens[-1] is fed at the next step
+    slot: int  # the seat this sequence holds (the concurrency limit); its KV is in paged blocks
+    tokens: list[int]  # prompt + output so far
     prompt_len: int
     params: SamplingParams
     seed: int
     eos_ids: frozenset[int]
-    max_len: int  # the slot's capacity in tokens
+    max_len: int  # most tokens it may reach (the model's context, capped by the KV pool)
     sampling_offset: int = 0  # output index of tokens[prompt_len] in the client's request
+    num_computed: int = 0  # leading tokens whose K/V is in the cache; running: len(tokens) - 1
+    preemptions: int = 0
     outbox: Any = field(default=None, repr=False)  # asyncio.Queue of (token, finish_reason)
     aborted: bool = False
     detach_requested: bool = False  # leave the running batch but keep the slot (migration)
@@ -35,7 +37,7 @@ class Sequence:
 
     @property
     def position(self) -> int:
-        """Where the K/V of tokens[-1] is written during the next step."""
+        """Where the K/V of tokens[-1] is written when it is fed (running sequences)."""
         return len(self.tokens) - 1
 
     def finish_for(self, token: int) -> str | None:

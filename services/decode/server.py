@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 import grpc
 import structlog
+import torch
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_transport import KvLayout, KvReceiver, ShmFile, host_id
@@ -19,6 +20,8 @@ from ..common.runtime_config import RuntimeConfig
 from ..common.server import GRPC_OPTIONS
 from ..common.types import FinishReason
 from ..common.worker import Worker
+from ..engine.block_manager import blocks_for_tokens
+from ..engine.kv_cache import kv_budget_bytes
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .config import DecodeConfig
@@ -61,7 +64,15 @@ class DecodeWorker(Worker):
     async def on_start(self) -> None:
         cfg: DecodeConfig = self.config
         self._slot_freed = asyncio.Condition()
-        self.engine = DecodeEngine(self.runner, cfg.kv_slots, self.runtime.max_batch_size, asyncio.get_running_loop())
+        mc = self.runner.config
+        budget = cfg.kv_cache_bytes or cfg.kv_slots * mc.max_model_len * mc.kv_bytes_per_token(
+            torch.empty(0, dtype=self.runner.dtype).element_size()
+        )
+        self.engine = DecodeEngine(
+            self.runner, cfg.kv_slots, self.runtime.max_batch_size, asyncio.get_running_loop(),
+            kv_budget_bytes=kv_budget_bytes(self.runner.device, budget, cfg.kv_gpu_fraction),
+            block_size=cfg.kv_block_size, token_budget=cfg.step_token_budget, chunk_size=self.runtime.prefill_chunk_size,
+        )
         self.engine.on_slot_freed = self._notify_slot_freed
         self.engine.start()
         self._expiry_task = spawn(self._expire_parked(), name="decode.adopt_expiry")
@@ -76,6 +87,7 @@ class DecodeWorker(Worker):
         runtime.validate(slots=self.config.kv_slots)
         super().apply_config(runtime)
         self.engine.scheduler.max_batch_size = runtime.max_batch_size  # next step boundary
+        self.engine.scheduler.chunk_size = runtime.prefill_chunk_size
         self._notify_slot_freed()  # a higher max_concurrency may admit waiters now
 
     def _notify_slot_freed(self) -> None:
@@ -85,21 +97,19 @@ class DecodeWorker(Worker):
 
         asyncio.get_running_loop().create_task(notify())
 
-    async def reserve_slot(self, prompt_len: int, deadline: float) -> int:
-        """Wait for KV room (bounded queue, deadline); return a slot."""
+    async def reserve(self, seq: Sequence, deadline: float) -> None:
+        """Wait for a seat and KV blocks for the prompt (bounded queue, deadline)."""
         if len(self._waiting) >= self.config.max_waiting:
             raise Overloaded(f"decode worker has {len(self._waiting)} requests waiting for KV space")
         token = object()
-        self._waiting[token] = prompt_len
+        self._waiting[token] = len(seq.tokens)
         try:
             async with self._slot_freed:
                 while True:
                     if self.draining:
                         raise Overloaded("decode worker is draining")
-                    if self.engine.slots.used < self.runtime.max_concurrency:
-                        slot = self.engine.slots.allocate()
-                        if slot is not None:
-                            return slot
+                    if self.engine.slots.used < self.runtime.max_concurrency and self.engine.reserve(seq):
+                        return
                     timeout = None if deadline == 0 else deadline - time.time()
                     if timeout is not None and timeout <= 0:
                         raise asyncio.TimeoutError
@@ -120,8 +130,8 @@ class DecodeWorker(Worker):
             queue_len=len(self._waiting),
             queued_tokens=sum(self._waiting.values()),
             running_seqs=e.slots.used,
-            kv_used_tokens=sum(len(s.tokens) for s in list(e.scheduler.running)),
-            kv_capacity_tokens=self.runtime.max_concurrency * e.slot_tokens,
+            kv_used_tokens=e.kv_used_tokens,
+            kv_capacity_tokens=e.kv.capacity_tokens,
             output_tokens_per_s=e.tokens_out.rate(),
             step_ms_p50=e.step_ms.percentile(50),
             step_ms_p95=e.step_ms.percentile(95),
@@ -175,11 +185,21 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         if w.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining; retry on another worker")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
-        offset = request.sampling_offset
+        e = w.engine
+        if blocks_for_tokens(len(prompt) + 1, e.kv.block_size) + e.watermark_blocks > e.kv.num_blocks:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt_token_ids: {len(prompt)} tokens need more KV than this worker holds "
+                f"({e.kv.capacity_tokens - (e.watermark_blocks + 1) * e.kv.block_size} tokens at most)",
+            )
+        seq = Sequence(
+            request.request_id, -1, list(prompt), len(prompt), params, seed, frozenset(cfg.eos_token_ids), e.max_seq_len,
+            sampling_offset=request.sampling_offset, outbox=asyncio.Queue(),
+        )
         timings = pb.StageTimings()
         start = time.monotonic()
         try:
-            slot = await w.reserve_slot(len(prompt), request.deadline_unix_s)
+            await w.reserve(seq, request.deadline_unix_s)
         except Overloaded as exc:
             context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {RETRY_AFTER_MS} ms")
@@ -187,44 +207,42 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while waiting for KV space")
         timings.decode_queue_ms = (time.monotonic() - start) * 1000
 
-        seq = None
+        added = False
         try:
-            remote = request.prefill_address and len(prompt) >= w.runtime.local_prefill_threshold
-            if remote:
-                first = None
+            # what is left after cached prefix blocks decides: a mostly cached prompt is cheap here
+            if request.prefill_address and len(prompt) - seq.num_computed >= w.runtime.local_prefill_threshold:
                 # aclosing: if the client goes away mid-transfer, the prefill call and the
                 # shared-memory file are released now, not when the generator is collected
-                prefill = self._remote_prefill(request, prompt, params, seed, offset, slot, timings)
-                async with aclosing(prefill) as firsts:
+                async with aclosing(self._remote_prefill(request, seq, timings)) as firsts:
                     async for first in firsts:
                         yield pb.TokenChunk(token_ids=[first], timings=timings)
+                seq.finish_reason = seq.finish_for(seq.tokens[-1]) if seq.generated else None
+                if seq.finish_reason:  # e.g. max_tokens 1: the first token was the whole answer
+                    yield pb.TokenChunk(finish_reason=seq.finish_reason, timings=timings)
+                    return
             else:
-                first = await self._local_prefill(prompt, params, seed, offset, slot, timings)
-                yield pb.TokenChunk(token_ids=[first], timings=timings)
-            seq = Sequence(
-                request.request_id, slot, prompt + [first], len(prompt), params, seed,
-                frozenset(cfg.eos_token_ids), w.engine.slot_tokens, sampling_offset=offset, outbox=asyncio.Queue(),
-            )
-            seq.finish_reason = seq.finish_for(first)
-            if seq.finish_reason:
-                w.engine.free_slot(slot)
-                yield pb.TokenChunk(finish_reason=seq.finish_reason, timings=timings)
-                return
+                w.kv_sources["local"] += 1  # the engine prefills it in chunks between decode steps
             w.engine.add(seq)
-            async with aclosing(self._stream(seq, context)) as chunks:
+            added = True
+            async with aclosing(self._stream(seq, context, timings)) as chunks:
                 async for chunk in chunks:
                     yield chunk
         finally:
-            if seq is None:
-                w.engine.free_slot(slot)
+            if not added:
+                w.engine.release(seq)
 
-    async def _stream(self, seq: Sequence, context):
-        """Stream a running sequence's tokens; abort it if the client goes away."""
+    async def _stream(self, seq: Sequence, context, timings: pb.StageTimings | None = None):
+        """Stream a running sequence's tokens; abort it if the client goes away. `timings`
+        go with the first chunk when it carries the first token (prefilled here)."""
         w = self.worker
         w.sequences.add(seq)
+        start = time.monotonic()
+        first = timings is not None and not seq.generated
         try:
             while True:
                 token, finish = await seq.outbox.get()
+                if first:
+                    timings.prefill_compute_ms = (time.monotonic() - start) * 1000
                 tokens = [token]
                 while not finish and not seq.outbox.empty():  # coalesce what the engine already made
                     token, finish = seq.outbox.get_nowait()
@@ -236,7 +254,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 if finish == "error":
                     seq.finish_reason = FinishReason.ABORT
                     await context.abort(grpc.StatusCode.INTERNAL, "decode step failed; see the worker's log")
-                yield pb.TokenChunk(token_ids=[t for t in tokens if t is not None], finish_reason=finish or "")
+                yield pb.TokenChunk(token_ids=[t for t in tokens if t is not None], finish_reason=finish or "",
+                                    timings=timings if first else None)
+                first = False
                 if finish:
                     return
         finally:
@@ -263,61 +283,52 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             async for chunk in chunks:
                 yield chunk
 
-    async def _local_prefill(self, prompt, params, seed, offset, slot, timings) -> int:
-        start = time.monotonic()
-        out = await self.worker.engine.prefill(prompt, params, seed, offset)
-        for layer, kv in enumerate(out.kv):
-            self.worker.engine.cache.write_prompt(slot, layer, kv)
-        self.worker.kv_sources["local"] += 1
-        timings.prefill_compute_ms = (time.monotonic() - start) * 1000
-        return out.first_token
+    async def _remote_prefill(self, request, seq: Sequence, timings):
+        """Yield the first token as soon as it arrives (appended to seq.tokens), then write the
+        KV into the sequence's blocks.
 
-    async def _remote_prefill(self, request, prompt, params, seed, offset, slot, timings):
-        """Yield the first token as soon as it arrives, then adopt the KV into `slot`.
-
-        If the prefill worker fails, the prompt is prefilled here instead; the KV is the
-        same, so the request goes on unchanged.
+        If the prefill worker fails, the engine computes the prompt (and the first token too
+        if it has not arrived) here instead; the KV is the same, so the request goes on unchanged.
         """
         w = self.worker
         cfg = w.runner.config
+        prompt = seq.tokens[: seq.prompt_len]
         shm = None
         if w.config.kv_transport == "auto" and request.prefill_host_id == host_id():
             size = cfg.kv_bytes_per_token(w.engine.cache.k[0].element_size()) * len(prompt)
-            shm = ShmFile.create(size, tag=str(slot))
-        first = None
+            shm = ShmFile.create(size, tag=str(seq.slot))
         try:
             stub = pb_grpc.PrefillStub(w.channel(request.prefill_address))
             target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path) if shm else "", shm_bytes=shm.size if shm else 0)
-            sampling = sampling_to_proto(params)
-            sampling.seed = seed  # the prefill worker draws token 0 from the same stream
+            sampling = sampling_to_proto(seq.params)
+            sampling.seed = seq.seed  # the prefill worker draws token 0 from the same stream
             call = stub.Prefill(pb.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target,
-                sampling_offset=offset,
+                sampling_offset=seq.sampling_offset,
             ))
             receiver = None
             kv_start = None
             async for msg in call:
                 if msg.HasField("head"):
-                    first = msg.head.first_token_id
                     timings.prefill_queue_ms = msg.head.queue_ms
                     timings.prefill_compute_ms = msg.head.compute_ms
                     receiver = KvReceiver(KvLayout.from_proto(msg.head.layout), msg.head.transport, shm)
                     kv_start = time.monotonic()
-                    yield first
+                    seq.tokens.append(msg.head.first_token_id)
+                    yield msg.head.first_token_id
                     continue
                 for layer, kv in receiver.layers(msg.kv):
-                    w.engine.cache.write_prompt(slot, layer, kv)
+                    w.engine.write_kv(seq, layer, kv)
                     del kv
             if receiver is None or not receiver.complete:
                 raise ConnectionError("prefill stream ended before the whole KV arrived")
+            w.engine.kv_written(seq, len(prompt))
             timings.kv_transfer_ms = (time.monotonic() - kv_start) * 1000
             w.kv_sources[receiver.transport] += 1
         except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
+            # blocks written so far are overwritten by the recompute (num_computed is unchanged)
             log.warning("decode.prefill_fallback", request_id=request.request_id, error=str(exc)[:200])
-            local_first = await self._local_prefill(prompt, params, seed, offset, slot, timings)
-            if first is None:
-                first = local_first
-                yield first
+            w.kv_sources["local"] += 1
         finally:
             if shm is not None:
                 shm.unlink()

@@ -3,8 +3,11 @@
 Two entry points share the weights:
 - `prefill(tokens, lengths)`: a right-padded batch of prompts; returns the logits at each
   prompt's last token and every layer's K/V so the caller can ship it to a decode worker.
-- `decode(tokens, positions, slots, cache)`: one new token per running sequence; reads and
-  writes K/V in a slot-indexed cache owned by the decode worker.
+- `forward_paged(batch, cache)`: the decode engine's step over a paged KV cache; a batch
+  mixes one-token decode rows and prefill chunks that start at an offset (chunked prefill,
+  prefix-cache hits, recompute after preemption).
+- `decode(tokens, positions, slots, cache)`: one new token per sequence over a slot-indexed
+  cache (whole-context slots; kept for callers of the slot layout).
 Q/K/V and gate/up projections are fused into single matmuls.
 """
 
@@ -16,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import KvCache
+from .batch import StepBatch
+from .kv_cache import KvCache, PagedKvCache
 from .model_config import ModelConfig
 
 
@@ -92,6 +96,48 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
+    def attend_paged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        batch: StepBatch,
+    ) -> torch.Tensor:
+        """Write the step's new K/V into the paged cache, then attend over it.
+
+        q [H, N, D], k and v [KVH, N, D] for the step's N new tokens; k_cache, v_cache
+        [blocks, block_size, KVH, D]. Returns [N, H * D]. Each group gathers its blocks into a
+        contiguous view (on a GPU a paged-attention kernel reads the blocks in place instead).
+        """
+        gqa = self.num_kv_heads != self.num_heads
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slot_ids, k.transpose(0, 1))
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slot_ids, v.transpose(0, 1))
+        outs = []
+        nd = batch.num_decode
+        if nd:
+            keys = _gather(k_cache, batch.decode_tables)  # [Dd, KVH, S, D]
+            values = _gather(v_cache, batch.decode_tables)
+            qd = q[:, :nd].transpose(0, 1)[:, :, None]  # [Dd, H, 1, D]
+            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa)
+            outs.append(out.reshape(nd, -1))  # [Dd, H * D]
+        for c in batch.chunks:
+            qc = q[None, :, c.row : c.row + c.n]  # [1, H, n, D]
+            if c.table is None:  # a chunk from position 0 sees only itself: no gather, no mask
+                kc, vc = k[None, :, c.row : c.row + c.n], v[None, :, c.row : c.row + c.n]  # [1, KVH, n, D]
+                out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=gqa)
+            else:
+                keys = _gather(k_cache, c.table[None])  # [1, KVH, S, D]
+                values = _gather(v_cache, c.table[None])
+                out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=c.mask, enable_gqa=gqa)
+            outs.append(out[0].transpose(0, 1).reshape(c.n, -1))  # [n, H * D]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """cache [blocks, block_size, KVH, D], tables [B, n] -> [B, KVH, n * block_size, D] (a
+    strided view over one copy; index_select is ~1.5x faster than advanced indexing on CPU)."""
+    b = tables.shape[0]
+    rows = cache.index_select(0, tables.flatten())  # [B * n, block_size, KVH, D]
+    return rows.view(b, -1, *cache.shape[2:]).transpose(1, 2)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -163,6 +209,19 @@ class CausalLM(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         last = h[torch.arange(b, device=tokens.device), lengths - 1]  # [B, hidden]
         return self._logits(last), kv
+
+    @torch.inference_mode()
+    def forward_paged(self, batch: StepBatch, cache: PagedKvCache) -> torch.Tensor:
+        """One engine step over the paged cache; returns logits [R, V] at batch.logit_rows."""
+        h = self.embed_tokens(batch.tokens)[None]  # [1, N, hidden]
+        cos, sin = self._rope(batch.positions[None])  # [1, N, 1, D]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(h), cos, sin)  # q [1, H, N, D], k, v [1, KVH, N, D]
+            out = attn.attend_paged(q[0], k[0], v[0], cache.k[i], cache.v[i], batch)  # [N, H * D]
+            h = h + attn.o_proj(out)[None]
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self._logits(h[0, batch.logit_rows])
 
     @torch.inference_mode()
     def decode(

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from ..common.types import SamplingParams
+from .batch import SeqWork, build_batch
+from .kv_cache import PagedKvCache
 from .loader import load_model
 from .model_config import ModelConfig
 from .sampler import sample
@@ -50,3 +52,16 @@ class ModelRunner:
             layers = [torch.stack((k[i, :, :n], v[i, :, :n])) for k, v in kv]
             outputs.append(PrefillOutput(first[i], layers))
         return outputs
+
+    def execute(self, work: Sequence[SeqWork], cache: PagedKvCache) -> list[int | None]:
+        """One engine step over the paged cache: the next token of every item that samples
+        (None for a prefill chunk that does not reach its sequence's last token)."""
+        batch = build_batch(list(work), cache.block_size, self.device)
+        logits = self.model.forward_paged(batch, cache)  # [R, V], R = items that sample
+        out: list[int | None] = [None] * len(work)
+        if batch.sampled:
+            items = [work[i] for i in batch.sampled]
+            tokens = sample(logits, [w.params for w in items], [w.seed for w in items], [w.sample_index for w in items])
+            for i, t in zip(batch.sampled, tokens):
+                out[i] = t
+        return out

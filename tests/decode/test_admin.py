@@ -84,11 +84,11 @@ async def test_set_config_changes_batch_size_and_scheduler_uses_it(stack, admin)
     assert (again.max_batch_size, again.version) == (2, before.version + 1)
     assert engine.scheduler.max_batch_size == 2
     # the running engine steps at most two sequences at once from now on
-    first_step = len(engine.steps.copy())
+    first_step = len(engine.profile)
     client = _client(stack)
     results = await asyncio.gather(*(_stream_tokens(client, f"batch cap {i} " * (i + 1), 12) for i in range(5)))
     assert all(len(ids) == 12 and finish == "length" for ids, finish in results)
-    batches = [b for _, b, _, _ in list(engine.steps.copy())[first_step:]]
+    batches = [s.batch_size for s in engine.profile.records()[first_step:]]
     assert batches and max(batches) == 2
     # back to the configured size for the other tests
     restored = await stub.SetConfig(pb.RuntimeConfig(max_batch_size=INITIAL_BATCH))
@@ -119,7 +119,8 @@ async def test_get_load_reports_decode_stage(stack, admin):
     assert report.worker_id == worker.config.worker_id
     assert report.address == f"127.0.0.1:{worker.port}"
     assert report.kv_capacity_tokens > 0
-    assert report.kv_capacity_tokens == report.config.max_concurrency * worker.engine.slot_tokens
+    assert report.kv_capacity_tokens == worker.engine.kv.capacity_tokens  # the paged block pool
+    assert 0 <= report.kv_used_tokens <= report.kv_capacity_tokens
     assert report.config.max_batch_size == worker.runtime.max_batch_size
     assert report.draining is False
 
@@ -154,18 +155,18 @@ async def test_batch_size_swap_while_streaming_keeps_tokens(stack, admin):
     assert not all(t.done() for t in tasks), "requests finished before the swap"
 
     assert (await stub.SetConfig(pb.RuntimeConfig(max_batch_size=1))).max_batch_size == 1
-    mark = len(engine.steps.copy())
-    await _wait_for(lambda: len(engine.steps.copy()) >= mark + 10 or all(t.done() for t in tasks))
-    before_grow = len(engine.steps.copy())
+    mark = len(engine.profile)
+    await _wait_for(lambda: len(engine.profile) >= mark + 10 or all(t.done() for t in tasks))
+    before_grow = len(engine.profile)
     assert not all(t.done() for t in tasks), "the swap back should happen mid-stream"
     assert (await stub.SetConfig(pb.RuntimeConfig(max_batch_size=8))).max_batch_size == 8
-    restored = len(engine.steps.copy())
+    restored = len(engine.profile)
 
     results = await asyncio.gather(*tasks)
     assert results == baseline
-    steps = engine.steps.copy()
-    during = [b for _, b, _, _ in list(steps)[mark + 1 : before_grow]]
-    after = [b for _, b, _, _ in list(steps)[restored + 1 :]]
+    steps = engine.profile.records()
+    during = [s.batch_size for s in steps[mark + 1 : before_grow]]
+    after = [s.batch_size for s in steps[restored + 1 :]]
     assert during and set(during) == {1}
     assert after and max(after) > 1
     assert (await stub.GetConfig(pb.Empty())).max_batch_size == 8

@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from services.engine.kv_cache import KvCache, SlotPool
+from services.engine.kv_cache import KvCache, PagedKvCache, SlotPool, kv_budget_bytes
 from services.engine.model_config import ModelConfig
 
 
@@ -141,3 +141,32 @@ def test_write_prompt_touches_only_its_slot_and_positions():
     cache.write_prompt(slot=2, layer=1, kv=short)
     assert torch.equal(cache.k[1][2, :, :2], short[0])
     assert torch.equal(cache.k[1][2, :, 2:6], kv[0][:, 2:])
+
+
+def test_paged_write_places_positions_by_block_table_and_skips_shared_rows():
+    cfg = _config()
+    cache = PagedKvCache(cfg, num_blocks=6, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    for t in cache.k + cache.v:
+        t.fill_(-7.0)
+    table = [4, 1, 3]  # positions 0-3 in block 4, 4-7 in block 1, 8-9 in block 3
+    kv = torch.randn(2, 2, 10, 4)  # [2, KVH, T, D]
+    cache.write(layer=2, table=table, kv=kv, start=5)  # positions 0-4 are shared prefix rows: untouched
+    k = cache.k[2]
+    assert torch.equal(k[4], torch.full_like(k[4], -7.0))
+    assert torch.equal(k[1, 0], torch.full_like(k[1, 0], -7.0))  # position 4
+    assert torch.equal(k[1, 1:].transpose(0, 1), kv[0, :, 5:8])  # positions 5-7
+    assert torch.equal(k[3, :2].transpose(0, 1), kv[0, :, 8:10])
+    assert torch.equal(cache.v[2][3, :2].transpose(0, 1), kv[1, :, 8:10])
+    for other in (0, 2, 5):
+        assert torch.equal(k[other], torch.full_like(k[other], -7.0))
+    assert all(torch.equal(t, torch.full_like(t, -7.0)) for i, t in enumerate(cache.k) if i != 2)
+    cache.write(layer=2, table=table, kv=kv)  # now the whole prompt
+    assert torch.equal(cache.read(2, table, 10), kv)  # read gives back [2, KVH, T, D], contiguous
+    assert cache.read(2, table, 10).is_contiguous()
+
+
+def test_block_bytes_and_budget():
+    cfg = _config()
+    per_token = cfg.kv_bytes_per_token(2)  # 2 * layers * KVH * D * 2 bytes
+    assert PagedKvCache.block_bytes(cfg, 16, torch.bfloat16) == 16 * per_token == 16 * 2 * 3 * 2 * 4 * 2
+    assert kv_budget_bytes(torch.device("cpu"), 12345, 0.5) == 12345
