@@ -15,11 +15,10 @@ is one step (ms, the inter-token latency at that batch), throughput output token
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -95,35 +94,37 @@ def _decode(runner, item: ProbeItem, warmup: int, reps: int) -> Measurement:
     from ..common.types import SamplingParams
     from ..decode.engine import DecodeEngine
     from ..decode.sequence import Sequence
+    from ..engine.kv_cache import PagedKvCache
 
     batch, context = item.config["max_batch_size"], item.workload["context_len"]
-    full = runner.config
+    cfg = runner.config
     needed = context + warmup + reps + 1
-    if needed > full.max_model_len:
-        raise ValueError(f"context_len {context} leaves no room in the model's {full.max_model_len}-token window")
-    loop = asyncio.new_event_loop()  # the engine hands tokens to a loop; nobody listens here
-    try:
-        # KV slots as long as this measurement needs, not the model's whole window: batch 64 of
-        # 8k-token slots of an 8B model would not fit next to its weights. A step attends over
-        # the positions in use only, so the slot length does not change its time.
-        runner.config = replace(full, max_position_embeddings=needed)
-        try:
-            engine = DecodeEngine(runner, batch, batch, loop)
-        finally:
-            runner.config = full
-        params = SamplingParams(max_tokens=1 << 30, temperature=0.0, ignore_eos=True)
-        for i in range(batch):
-            tokens = [(11 + 17 * i + 5 * j) % runner.config.vocab_size for j in range(context)]
-            engine.add(Sequence(f"probe-{i}", engine.slots.allocate(), tokens, context, params, 0,
-                                frozenset(), engine.slot_tokens, outbox=_Sink()))
-        times = []
-        for rep in range(warmup + reps):
-            start = time.perf_counter()
-            engine.step()
-            if rep >= warmup:
-                times.append((time.perf_counter() - start) * 1000)
-    finally:
-        loop.close()
+    if needed > cfg.max_model_len:
+        raise ValueError(f"context_len {context} leaves no room in the model's {cfg.max_model_len}-token window")
+    # A KV pool as large as this measurement needs, not the device's free memory: batch 64 of
+    # an 8B model's 8k-token contexts would not fit next to its weights. The engine keeps a
+    # 2% watermark free for growth, hence the margin.
+    block = 16
+    blocks = batch * -(-needed // block)
+    budget = PagedKvCache.block_bytes(cfg, block, runner.dtype) * (blocks + blocks // 40 + 2)
+    engine = DecodeEngine(runner, batch, batch, None, budget, block, token_budget=max(512, batch))
+    params = SamplingParams(max_tokens=1 << 30, temperature=0.0, ignore_eos=True)
+    seqs = []
+    for i in range(batch):
+        tokens = [(11 + 17 * i + 5 * j) % cfg.vocab_size for j in range(context)]
+        seq = Sequence(f"probe-{i}", -1, tokens, context, params, 0, frozenset(), engine.max_seq_len, outbox=_Sink())
+        if not engine.reserve(seq):
+            raise RuntimeError(f"probe: no KV room for sequence {i} of {batch}")
+        engine.add(seq)
+        seqs.append(seq)
+    while any(s.generated == 0 for s in seqs):  # the prompts are prefilled in the engine first
+        engine.step()
+    times = []
+    for rep in range(warmup + reps):
+        start = time.perf_counter()
+        engine.step()
+        if rep >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
     mean_s = sum(times) / len(times) / 1000
     return Measurement(item, batch / mean_s, percentile(times, 50), percentile(times, 95), len(times))
 
