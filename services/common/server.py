@@ -13,6 +13,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .request_context import RequestIdInterceptor
+
 log = structlog.get_logger(__name__)
 
 # KV chunks can be large; the default 4 MiB receive limit is too small for real models.
@@ -47,7 +49,7 @@ class GrpcService:
         """Release everything else (store connections, threads)."""
 
     async def start(self) -> None:
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RequestIdInterceptor()])
         self.add_servicers(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(self._bind)

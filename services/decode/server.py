@@ -14,6 +14,7 @@ import structlog
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_transport import KvLayout, KvReceiver, ShmFile, host_id
 from ..common.registry import WorkerDirectory
+from ..common.request_context import outgoing_metadata
 from ..common.tasks import spawn
 from ..common.runtime_config import RuntimeConfig
 from ..common.server import GRPC_OPTIONS
@@ -293,7 +294,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             call = stub.Prefill(pb.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target,
                 sampling_offset=offset,
-            ))
+            ), metadata=outgoing_metadata(request.request_id))
             receiver = None
             kv_start = None
             async for msg in call:
