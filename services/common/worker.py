@@ -35,6 +35,7 @@ class Worker(GrpcService):
         self.model_name = ""
         self._store = None
         self._registration: WorkerRegistration | None = None
+        self.metrics = None  # the stage's metrics (services/<stage>/metrics.py), set by the subclass
 
     @property
     def address(self) -> str:
@@ -49,6 +50,8 @@ class Worker(GrpcService):
         await super().start()
 
     async def on_start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.http.serve(self.metrics.registry, self.config.host, self.config.metrics_port)
         if self.config.store_url:
             self._store = connect(self.config.store_url)
             self._registration = WorkerRegistration(
@@ -94,6 +97,8 @@ class Worker(GrpcService):
                 log.warning(f"{self.stage}.drain_publish_failed", error=str(exc))
 
     async def on_stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.http.close()
         if self._registration is not None:
             await self._registration.stop()
         if self._store is not None:

@@ -24,6 +24,7 @@ from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .config import DecodeConfig
 from .engine import DecodeEngine
+from .metrics import DecodeMetrics
 from .migration import MIGRATED, Migrations
 from .sequence import Sequence
 
@@ -54,6 +55,7 @@ class DecodeWorker(Worker):
         self.sequences: set[Sequence] = set()  # streaming to a client through this worker
         self.migrations = Migrations(self, config.adopt_timeout_s)
         self._expiry_task: asyncio.Task | None = None
+        self.metrics = DecodeMetrics(self)
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_DecodeServicer_to_server(DecodeServicer(self), server)
@@ -172,6 +174,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             prompt = list(request.prompt_token_ids)
             check_prompt(prompt, cfg.vocab_size, cfg.max_model_len, params.max_tokens)
         except BadRequest as exc:
+            w.metrics.requests.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if w.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining; retry on another worker")
@@ -182,11 +185,16 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         try:
             slot = await w.reserve_slot(len(prompt), request.deadline_unix_s)
         except Overloaded as exc:
+            w.metrics.requests.labels("overloaded").inc()
             context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {RETRY_AFTER_MS} ms")
         except asyncio.TimeoutError:
+            w.metrics.requests.labels("timeout").inc()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while waiting for KV space")
         timings.decode_queue_ms = (time.monotonic() - start) * 1000
+        w.metrics.requests.labels("admitted").inc()
+        w.metrics.prompt_tokens.inc(len(prompt))
+        w.metrics.queue_wait.observe(timings.decode_queue_ms / 1000)
 
         seq = None
         try:
@@ -237,7 +245,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 if finish == "error":
                     seq.finish_reason = FinishReason.ABORT
                     await context.abort(grpc.StatusCode.INTERNAL, "decode step failed; see the worker's log")
-                yield pb.TokenChunk(token_ids=[t for t in tokens if t is not None], finish_reason=finish or "")
+                out = [t for t in tokens if t is not None]
+                w.metrics.tokens_out.inc(len(out))
+                yield pb.TokenChunk(token_ids=out, finish_reason=finish or "")
                 if finish:
                     return
         finally:
@@ -312,6 +322,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if receiver is None or not receiver.complete:
                 raise ConnectionError("prefill stream ended before the whole KV arrived")
             timings.kv_transfer_ms = (time.monotonic() - kv_start) * 1000
+            w.metrics.kv_transfer.observe(timings.kv_transfer_ms / 1000)
             w.kv_sources[receiver.transport] += 1
         except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
             log.warning("decode.prefill_fallback", request_id=request.request_id, error=str(exc)[:200])

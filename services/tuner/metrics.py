@@ -1,0 +1,36 @@
+"""The tuner sidecar's Prometheus metrics. Names, units and labels are defined here only.
+
+`stage` is the worker's stage; `setting` one of RuntimeConfig's knobs (max_batch_size,
+max_concurrency, prefill_chunk_size, local_prefill_threshold); `reason` why the tuner
+changed the config (e.g. load, share, slo, explore) or why it kept it (hysteresis).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..common.metrics import MetricsServer
+
+
+class TunerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.config_changes = Counter("elastune_tuner_config_changes", "Runtime configs applied to the worker",
+                                      ["stage", "reason"], registry=r)
+        self.setting = Gauge("elastune_tuner_setting", "The runtime setting the tuner last applied",
+                             ["stage", "setting"], registry=r)
+        self.apply_failures = Counter("elastune_tuner_apply_failures", "Admin.SetConfig calls that failed",
+                                      ["stage"], registry=r)
+        self.apply_seconds = Histogram("elastune_tuner_apply_seconds", "Admin.SetConfig round trip",
+                                       ["stage"], buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=r)
+        self.share = Gauge("elastune_tuner_share", "The pod's GPU (or CPU) share the tuner tunes for", ["stage"],
+                           registry=r)
+        self.table_updates = Counter("elastune_tuner_table_updates", "Tuning-table entries written, by provenance "
+                                     "(profile, online)", ["stage", "provenance"], registry=r)
+        self.http = MetricsServer()
+
+    def applied(self, stage: str, reason: str, settings: dict[str, int]) -> None:
+        self.config_changes.labels(stage, reason).inc()
+        for name, value in settings.items():
+            self.setting.labels(stage, name).set(value)
