@@ -29,3 +29,8 @@ def scaler_checkpoint(prefix: str, namespace: str, name: str, stage: str) -> str
 def tuning_table(prefix: str) -> str:
     """The tuning table (a hash: version, table JSON), written by profiling and the tuners."""
     return f"{prefix}:tuning:table"
+
+
+def key_budget(prefix: str, key_id: str) -> str:
+    """One API key's token bucket shared by every gateway (a hash: level, updated); expires once full."""
+    return f"{prefix}:budget:{key_id}"

@@ -33,6 +33,7 @@ class GatewayConfig:
     # Per-API-key token budgets (services/gateway/budget.py): prompt + completion tokens per second.
     key_tokens_per_s: float = 0.0  # 0: no budget
     key_burst_tokens: int = 0  # bucket size; 0: 60 s at key_tokens_per_s (at least max_tokens_limit)
+    key_budget_shared: bool = False  # one bucket per key for all gateways, in the store (shared_budget.py)
     # Bearer-token auth (services/gateway/auth.py); no key configured: auth off.
     api_keys: str = ""  # comma-separated keys
     api_keys_file: str = ""  # file with one key per line (a mounted Secret)

@@ -11,14 +11,21 @@ from __future__ import annotations
 
 import math
 import time
+
+import redis.asyncio as aioredis
+import structlog
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from .admission import ADMIT, TOO_LARGE, AdmissionPolicy, AdmissionRequest, decide
-from .budget import TokenBudgets
+from .budget import Charge, TokenBudgets
 from .config import GatewayConfig
 from .metrics import GatewayMetrics
 from .pipeline import Pipeline, PipelineError
+from .shared_budget import SharedBudgets
+
+log = structlog.get_logger(__name__)
+STORE_ERRORS = (aioredis.RedisError, OSError)
 
 TIMEOUT_HEADER = "X-Request-Timeout"
 TIMEOUT_FIELD = "timeout"
@@ -67,7 +74,7 @@ def parse_timeout(body: Mapping | None, headers: Mapping[str, str], config: Gate
 
 class Gate:
     def __init__(self, config: GatewayConfig, pipeline: Pipeline, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, store: aioredis.Redis | None = None):
         self.config = config
         self.pipeline = pipeline
         self.metrics = metrics
@@ -78,6 +85,24 @@ class Gate:
         )
         self.budgets = (TokenBudgets(config.key_tokens_per_s, config.burst_tokens, clock)
                         if config.key_tokens_per_s > 0 else None)
+        self.shared = (SharedBudgets(store, config.store_prefix, config.key_tokens_per_s, config.burst_tokens)
+                       if self.budgets is not None and config.key_budget_shared and store is not None else None)
+
+    async def _charge(self, caller: str, cost: int) -> Charge:
+        if self.shared is not None:
+            try:
+                return await self.shared.charge(caller, cost)
+            except STORE_ERRORS as exc:  # keep serving on this gateway's own buckets
+                log.warning("gateway.shared_budget_unavailable", error=str(exc)[:200])
+        return self.budgets.charge(caller, cost)
+
+    async def _refund(self, caller: str, tokens: int) -> None:
+        if self.shared is not None:
+            try:
+                return await self.shared.refund(caller, tokens)
+            except STORE_ERRORS as exc:
+                log.warning("gateway.shared_budget_unavailable", error=str(exc)[:200])
+        self.budgets.refund(caller, tokens)
 
     def check_prompt(self, prompt_tokens: int, param: str) -> None:
         limit = self.config.max_prompt_tokens
@@ -85,14 +110,14 @@ class Gate:
             raise Rejected("invalid", f"{param} is {prompt_tokens} tokens; this server accepts at most {limit}",
                            param=param)
 
-    def admit(self, caller: str, prompt_tokens: int, max_tokens: int, timeout_s: float,
+    async def admit(self, caller: str, prompt_tokens: int, max_tokens: int, timeout_s: float,
               max_tokens_param: str = "max_tokens") -> Ticket:
         cost = prompt_tokens + max_tokens
         if self.budgets is not None:
             if cost > self.budgets.burst:
                 raise Rejected("invalid", f"prompt + {max_tokens_param} is {cost} tokens, more than this API key's "
                                           f"burst budget of {self.budgets.burst:.0f} tokens", param=max_tokens_param)
-            charge = self.budgets.charge(caller, cost)
+            charge = await self._charge(caller, cost)
             if not charge.ok:
                 self.metrics.rejected.labels("budget").inc()
                 raise Rejected("overloaded", f"this API key's token budget ({self.config.key_tokens_per_s:g} "
@@ -103,7 +128,7 @@ class Gate:
         verdict = decide(AdmissionRequest(prompt_tokens, max_tokens, timeout_s), p.workers["prefill"],
                          p.workers["decode"], p.queued_tokens, self.policy)
         if verdict.reason != ADMIT:
-            self.release(ticket, 0)
+            await self.release(ticket, 0)
             self.metrics.rejected.labels(verdict.reason).inc()
             if verdict.reason == TOO_LARGE:
                 raise Rejected("invalid", verdict.message, param=max_tokens_param)
@@ -111,7 +136,7 @@ class Gate:
                            verdict.retry_after_s, code="overloaded")
         return ticket
 
-    def release(self, ticket: Ticket, used_tokens: int) -> None:
+    async def release(self, ticket: Ticket | None, used_tokens: int) -> None:
         """The request ended having used `used_tokens` (prompt + completion): refund the rest."""
-        if self.budgets is not None and ticket.charged:
-            self.budgets.refund(ticket.caller, ticket.charged - used_tokens)
+        if ticket is not None and self.budgets is not None and ticket.charged:
+            await self._refund(ticket.caller, ticket.charged - used_tokens)

@@ -76,7 +76,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
             remaining = context.time_remaining()  # the client's own deadline, if it set one
             if remaining is not None:
                 timeout = min(timeout, remaining)
-            ticket = gw.gate.admit(caller, len(req.prompt_token_ids), req.sampling.max_tokens, timeout,
+            ticket = await gw.gate.admit(caller, len(req.prompt_token_ids), req.sampling.max_tokens, timeout,
                                    "sampling.max_tokens")
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -99,7 +99,7 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         finally:
             await deltas.aclose()
             used = len(req.prompt_token_ids) if stats.first_token_at is not None else 0
-            gw.gate.release(ticket, used + stats.completion_tokens)
+            await gw.gate.release(ticket, used + stats.completion_tokens)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: PipelineError) -> None:
         if exc.retry_after_s is not None:

@@ -148,7 +148,7 @@ class OpenAIApi:
             stop=call.stop,
             timeout_s=timeout_s,
         )
-        ticket = self.gw.gate.admit(request.get(CALLER, "anonymous"), len(prompt_ids), max_tokens, timeout_s,
+        ticket = await self.gw.gate.admit(request.get(CALLER, "anonymous"), len(prompt_ids), max_tokens, timeout_s,
                                     call.max_tokens_param)
         return call, req, ticket
 
@@ -161,30 +161,27 @@ class OpenAIApi:
             deltas = generate(self.gw.pipeline, self.gw.tokenizer.tokenizer, req, req.timeout_s, stats)
             first = await anext(deltas)  # errors before the first token become HTTP statuses
         except ApiError as err:
-            return self._release(ticket, None, stats, error_response(err))
+            await self._release(ticket, None, stats)
+            return error_response(err)
         except PipelineError as exc:
-            return self._release(ticket, None, stats, error_response(api_error(exc)))
+            await self._release(ticket, None, stats)
+            return error_response(api_error(exc))
         self.gw.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
         if stats.ttft_s is not None:
             self.gw.metrics.ttft.observe(stats.ttft_s)
-        response = None
         try:
             if call.stream:
-                response = await self._stream(request, call, req, first, deltas, stats)
-            else:
-                response = await self._collect(call, req, first, deltas, stats)
-            return response
+                return await self._stream(request, call, req, first, deltas, stats)
+            return await self._collect(call, req, first, deltas, stats)
         finally:
             await deltas.aclose()
-            self._release(ticket, req, stats, response)
+            await self._release(ticket, req, stats)
             self.gw.metrics.completion_tokens.inc(stats.completion_tokens)
             self.gw.metrics.e2e.observe(time.monotonic() - stats.start)
 
-    def _release(self, ticket: Ticket | None, req: GenerationRequest | None, stats: RequestStats, response):
-        if ticket is not None:
-            prompt = len(req.prompt_token_ids) if req is not None and stats.first_token_at is not None else 0
-            self.gw.gate.release(ticket, prompt + stats.completion_tokens)
-        return response
+    async def _release(self, ticket: Ticket | None, req: GenerationRequest | None, stats: RequestStats) -> None:
+        prompt = len(req.prompt_token_ids) if req is not None and stats.first_token_at is not None else 0
+        await self.gw.gate.release(ticket, prompt + stats.completion_tokens)
 
     async def _collect(self, call, req, first: Delta, deltas, stats) -> web.Response:
         parts, last, ids = [first.text], first, list(first.token_ids)

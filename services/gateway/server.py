@@ -71,7 +71,7 @@ class Gateway(GrpcService):
             self.config.cold_start_wait_s,
         )
         self.pipeline.on_itl = self.metrics.itl.observe
-        self.gate = Gate(self.config, self.pipeline, self.metrics)
+        self.gate = Gate(self.config, self.pipeline, self.metrics, store=self._store)
         await self.pipeline.start()
         await super().start()
         self._registration = WorkerRegistration(

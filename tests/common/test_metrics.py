@@ -9,6 +9,8 @@ import socket
 from pathlib import Path
 
 import aiohttp
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, generate_latest
 
 from services.experts.metrics import ExpertsMetrics
@@ -78,6 +80,10 @@ async def test_each_service_exports_its_metrics(store_url, tiny_model):
                 decode_text = await resp.text()
         decode = samples(decode_text)
         prefill = samples(generate_latest(stack.prefill[0].metrics.registry).decode())
+        for service in (stack.gateway, stack.decode[0], stack.prefill[0]):  # the standard gRPC health service
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+                answer = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await stack.stop()
     assert GATEWAY <= gateway.keys(), GATEWAY - gateway.keys()

@@ -162,6 +162,20 @@ async def test_per_key_token_budget(stack, gateway_factory):
     assert gw.gate.budgets.level(gw.auth.identify("Bearer key-c")) >= 45
 
 
+async def test_budget_shared_by_two_gateways_through_the_store(stack, gateway_factory):
+    shared = dict(key_tokens_per_s=10, key_burst_tokens=60, key_budget_shared=True)
+    one, two = await gateway_factory(**shared), await gateway_factory(**shared)
+    key = {"Authorization": f"Bearer key-shared-{time.time_ns()}"}
+    body = {"model": "tiny", "prompt": [5, 6, 7, 8, 9], "max_tokens": 40, "ignore_eos": True}
+    status, _, _ = await post(one, body, key)
+    assert status == 200
+    status, payload, headers = await post(two, body, key)  # the other gateway sees the same bucket
+    assert status == 429 and payload["error"]["code"] == "rate_limit_exceeded"
+    assert 2 <= int(headers["Retry-After"]) <= 3
+    caller = one.auth.identify(key["Authorization"])
+    assert 15 <= await two.gate.shared.level(caller) <= 20
+
+
 async def test_bearer_auth_with_the_openai_client(stack, gateway_factory, tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("sk-from-file\n")
