@@ -1,5 +1,6 @@
-"""What the gateway's door costs per request: the admission rule over fleets of growing size,
-a local token bucket, and the store-shared bucket (one Lua call on the embedded Valkey).
+"""What the gateway's door costs: the admission rule over fleets of growing size (the fleet
+summary, once per directory refresh, and the decision, once per request), a local token
+bucket, and the store-shared bucket (one Lua call on the embedded Valkey).
 
 Seeded hand-made load reports; each figure is the median of `--repeat` timed batches after a
 warm-up. Prints a table and writes JSON with machine, device and commit to bench/results/.
@@ -24,7 +25,7 @@ from bench.meta import commit, machine  # noqa: E402
 from services.common.load_report import LoadReport  # noqa: E402
 from services.common.logging import configure_logging  # noqa: E402
 from services.common.store import EmbeddedStore, connect  # noqa: E402
-from services.gateway.admission import AdmissionPolicy, AdmissionRequest, decide  # noqa: E402
+from services.gateway.admission import AdmissionPolicy, AdmissionRequest, decide, summarize  # noqa: E402
 from services.gateway.budget import TokenBudgets  # noqa: E402
 from services.gateway.shared_budget import SharedBudgets  # noqa: E402
 
@@ -83,11 +84,14 @@ def main() -> None:
     rng = random.Random(args.seed)
     policy = AdmissionPolicy()
     req = AdmissionRequest(prompt_tokens=500, max_tokens=200, deadline_s=60.0)
-    decide_us = {}
+    decide_us, summarize_us = {}, {}
     for n in (int(x) for x in args.fleets.split(",")):
         prefill, decode = fleet(n, rng)
         calls = max(args.calls // max(n // 10, 1), 50)
-        decide_us[n] = timed_us(lambda: decide(req, prefill, decode, 0, policy), calls, args.repeat)
+        # summarize() runs once per directory refresh (every refresh_s); decide() once per request
+        summarize_us[n] = timed_us(lambda: summarize(prefill, decode, policy), calls, args.repeat)
+        view = summarize(prefill, decode, policy)
+        decide_us[n] = timed_us(lambda: decide(req, view, 0, policy), args.calls, args.repeat)
     local = TokenBudgets(1e9, 1e12)
     keys = [f"key-{i}" for i in range(64)]
     it = iter(range(10**9))
@@ -99,9 +103,10 @@ def main() -> None:
     finally:
         store.stop()
     out = {"machine": machine(), "device": "cpu", "commit": commit(), "seed": args.seed,
-           "decide_us_by_fleet": decide_us, "local_bucket_us": local_us, "shared_bucket": shared}
+           "decide_us_by_fleet": decide_us, "summarize_us_by_fleet": summarize_us, "local_bucket_us": local_us, "shared_bucket": shared}
     print(f"\ngateway door, commit {out['commit']}")
-    print(f"{'admission decide()':<32} " + "  ".join(f"{n} workers/stage: {us:.1f} us" for n, us in decide_us.items()))
+    print(f"{'admission decide() per request':<32} " + "  ".join(f"{n}/stage: {us:.2f} us" for n, us in decide_us.items()))
+    print(f"{'summarize() per refresh':<32} " + "  ".join(f"{n}/stage: {us:.1f} us" for n, us in summarize_us.items()))
     print(f"{'local token bucket charge':<32} {local_us:.2f} us")
     for r in shared:
         print(f"{'shared bucket (store) charge':<32} concurrency {r['concurrency']:>2}: {r['calls_per_s']:>7.0f} calls/s,"

@@ -78,46 +78,56 @@ def kv_room(worker: LoadReport, reserve_fraction: float) -> int:
     return worker.kv_capacity_tokens - worker.kv_used_tokens - worker.queued_tokens - reserve
 
 
-def estimated_wait_s(prefill: Sequence[LoadReport], decode: Sequence[LoadReport], local_queued_tokens: int,
-                     prompt_tokens: int) -> float | None:
-    """Seconds until this prompt's first token, or None when throughput is not measured."""
+@dataclass(frozen=True)
+class FleetView:
+    """What admission needs from the reports, summed once per directory refresh (not per request)."""
+
+    largest_kv: int = 0  # the largest KV capacity of a live decode worker; 0: unknown
+    best_room: int = 0  # the most KV room any live decode worker has
+    decode_tokens_per_s: float = 0.0
+    queued_tokens: int = 0  # prompt tokens reported waiting in prefill and decode
+    prefill_tokens_per_s: float = 0.0  # throughput of the backlogged prefill workers
+
+
+def summarize(prefill: Sequence[LoadReport], decode: Sequence[LoadReport], policy: AdmissionPolicy) -> FleetView:
+    live = [w for w in decode if not w.draining and w.kv_capacity_tokens > 0]
     backlogged = [w for w in prefill if w.queued_tokens > 0 and w.prompt_tokens_per_s > 0]
-    throughput = sum(w.prompt_tokens_per_s for w in backlogged)
-    reported = sum(w.queued_tokens for w in prefill) + sum(w.queued_tokens for w in decode)
+    return FleetView(
+        largest_kv=max((w.kv_capacity_tokens for w in live), default=0),
+        best_room=max((kv_room(w, policy.kv_reserve_fraction) for w in live), default=0),
+        decode_tokens_per_s=sum(w.output_tokens_per_s for w in live),
+        queued_tokens=sum(w.queued_tokens for w in prefill) + sum(w.queued_tokens for w in decode),
+        prefill_tokens_per_s=sum(w.prompt_tokens_per_s for w in backlogged),
+    )
+
+
+def estimated_wait_s(fleet: FleetView, local_queued_tokens: int, prompt_tokens: int) -> float | None:
+    """Seconds until this prompt's first token, or None when throughput is not measured."""
     # Our own waiting requests may not be in a report yet; theirs are, so take the larger.
-    ahead = max(reported, local_queued_tokens)
+    ahead = max(fleet.queued_tokens, local_queued_tokens)
     if ahead == 0:
         return 0.0
-    if throughput <= 0:
+    if fleet.prefill_tokens_per_s <= 0:
         return None
-    return (ahead + prompt_tokens) / throughput
+    return (ahead + prompt_tokens) / fleet.prefill_tokens_per_s
 
 
-def decide(
-    req: AdmissionRequest,
-    prefill: Sequence[LoadReport],
-    decode: Sequence[LoadReport],
-    local_queued_tokens: int,
-    policy: AdmissionPolicy,
-) -> Verdict:
+def decide(req: AdmissionRequest, fleet: FleetView, local_queued_tokens: int, policy: AdmissionPolicy) -> Verdict:
     if not policy.enabled:
         return Verdict(ADMIT)
-    live = [w for w in decode if not w.draining and w.kv_capacity_tokens > 0]
-    if live:
-        largest = max(w.kv_capacity_tokens for w in live)
-        if req.kv_tokens > largest:
+    if fleet.largest_kv:
+        if req.kv_tokens > fleet.largest_kv:
             return Verdict(TOO_LARGE, f"prompt + max_tokens is {req.kv_tokens} tokens; no decode worker can hold "
-                                      f"more than {largest} tokens of KV")
-        best = max(kv_room(w, policy.kv_reserve_fraction) for w in live)
-        if best < req.kv_tokens:
-            deficit = req.kv_tokens - best
-            rate = sum(w.output_tokens_per_s for w in live)
+                                      f"more than {fleet.largest_kv} tokens of KV")
+        if fleet.best_room < req.kv_tokens:
+            deficit = req.kv_tokens - fleet.best_room
+            rate = fleet.decode_tokens_per_s
             # A rough guess: running work moves toward its end at the fleet's token rate.
             wait = deficit / rate if rate > 0 else policy.max_retry_after_s
             return Verdict(KV_FULL, f"no decode worker has KV room for {req.kv_tokens} tokens (prompt + max_tokens) "
-                                    f"now; the most any worker has is {max(best, 0)}",
+                                    f"now; the most any worker has is {max(fleet.best_room, 0)}",
                            _clamp(wait, policy))
-    wait = estimated_wait_s(prefill, decode, local_queued_tokens, req.prompt_tokens)
+    wait = estimated_wait_s(fleet, local_queued_tokens, req.prompt_tokens)
     if wait is not None:
         budget = min(policy.ttft_slo_s, req.deadline_s)
         if wait > budget:

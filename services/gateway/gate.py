@@ -17,7 +17,7 @@ import structlog
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .admission import ADMIT, TOO_LARGE, AdmissionPolicy, AdmissionRequest, decide
+from .admission import ADMIT, TOO_LARGE, AdmissionPolicy, AdmissionRequest, FleetView, decide, summarize
 from .budget import Charge, TokenBudgets
 from .config import GatewayConfig
 from .metrics import GatewayMetrics
@@ -85,8 +85,18 @@ class Gate:
         )
         self.budgets = (TokenBudgets(config.key_tokens_per_s, config.burst_tokens, clock)
                         if config.key_tokens_per_s > 0 else None)
+        self._fleet, self._fleet_of = FleetView(), (None, None)
         self.shared = (SharedBudgets(store, config.store_prefix, config.key_tokens_per_s, config.burst_tokens)
                        if self.budgets is not None and config.key_budget_shared and store is not None else None)
+
+    def fleet(self) -> FleetView:
+        """The fleet summary, recomputed only when the directory was re-read (new report lists)."""
+        prefill, decode = self.pipeline.workers["prefill"], self.pipeline.workers["decode"]
+        # holding the lists keeps their identity unique (an id() could be reused once freed)
+        if self._fleet_of[0] is not prefill or self._fleet_of[1] is not decode:
+            self._fleet = summarize(prefill, decode, self.policy)
+            self._fleet_of = (prefill, decode)
+        return self._fleet
 
     async def _charge(self, caller: str, cost: int) -> Charge:
         if self.shared is not None:
@@ -124,9 +134,8 @@ class Gate:
                                              f"tokens/s) is used up; {retry_advice(charge.retry_after_s)}",
                                charge.retry_after_s, code="rate_limit_exceeded")
         ticket = Ticket(caller, cost if self.budgets is not None else 0)
-        p = self.pipeline
-        verdict = decide(AdmissionRequest(prompt_tokens, max_tokens, timeout_s), p.workers["prefill"],
-                         p.workers["decode"], p.queued_tokens, self.policy)
+        verdict = decide(AdmissionRequest(prompt_tokens, max_tokens, timeout_s), self.fleet(),
+                         self.pipeline.queued_tokens, self.policy)
         if verdict.reason != ADMIT:
             await self.release(ticket, 0)
             self.metrics.rejected.labels(verdict.reason).inc()

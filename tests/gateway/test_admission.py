@@ -12,9 +12,10 @@ from services.gateway.admission import (
     TOO_LARGE,
     AdmissionPolicy,
     AdmissionRequest,
-    decide,
-    estimated_wait_s,
+    decide as decide_on_view,
+    estimated_wait_s as wait_on_view,
     kv_room,
+    summarize,
 )
 
 POLICY = AdmissionPolicy(ttft_slo_s=2.0, kv_reserve_fraction=0.0, min_retry_after_s=1.0, max_retry_after_s=30.0)
@@ -27,6 +28,14 @@ def decode(i=0, used=0, capacity=10_000, queued=0, out_rate=0.0, draining=False)
 
 def prefill(i=0, queued=0, rate=0.0) -> LoadReport:
     return LoadReport(f"p{i}", "prefill", f"p{i}:1", "h", "m", 0.0, queued_tokens=queued, prompt_tokens_per_s=rate)
+
+
+def decide(request, prefill, decode_, local, policy):
+    return decide_on_view(request, summarize(prefill, decode_, policy), local, policy)
+
+
+def estimated_wait_s(prefill, decode_, local, prompt):
+    return wait_on_view(summarize(prefill, decode_, POLICY), local, prompt)
 
 
 def req(prompt=100, max_tokens=100, deadline=60.0) -> AdmissionRequest:
