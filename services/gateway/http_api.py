@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..common.request_context import bind_request_id
+from ..common.request_context import bind_request_id, unbind_request_id
 from ..common.types import GenerationRequest
 from .auth import EXEMPT_PATHS, Unauthorized
 from .gate import Rejected, Ticket, parse_timeout
@@ -116,6 +116,7 @@ class OpenAIApi:
             response = await self._handle(request, endpoint)
         finally:
             m.in_flight.dec()
+            unbind_request_id()  # a kept-alive connection's next request must not inherit it
         m.requests.labels(endpoint, str(response.status)).inc()
         return response
 
