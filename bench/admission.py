@@ -91,7 +91,7 @@ def main() -> None:
         # summarize() runs once per directory refresh (every refresh_s); decide() once per request
         summarize_us[n] = timed_us(lambda: summarize(prefill, decode, policy), calls, args.repeat)
         view = summarize(prefill, decode, policy)
-        decide_us[n] = timed_us(lambda: decide(req, view, 0, policy), args.calls, args.repeat)
+        decide_us[n] = timed_us(lambda: decide(req, view, policy), args.calls, args.repeat)
     local = TokenBudgets(1e9, 1e12)
     keys = [f"key-{i}" for i in range(64)]
     it = iter(range(10**9))

@@ -1,21 +1,24 @@
 """Admission control: admit a request only if the fleet can hold it and serve it in time (pure).
 
-Two questions, answered from the workers' load reports (about a second old) and the
-gateway's own count of requests it has sent that wait for a first token:
+Two questions, answered from the workers' load reports (about a second old):
 
 1. KV headroom: does some decode worker have room for the request's prompt + max_tokens,
    after the prompts already waiting on it and a reserve for running sequences to grow?
    If no worker could hold it even when empty, retrying cannot help: that is bad input
    (HTTP 400), not overload.
-2. Deadline feasibility: prompt tokens queued ahead (plus this prompt) divided by the
-   prefill fleet's measured throughput estimates the wait for a first token. If that is
-   longer than the TTFT SLO or the request's own deadline, the request would miss it
-   anyway: reject now, while the client can still go elsewhere, instead of after the wait.
-   Throughput is only trusted from workers that have a backlog, because an idle worker's
-   token rate says how much work arrived, not how much it can do.
+2. Deadline feasibility: how long until this prompt's first token? Per prefill worker, the
+   time to drain its queue, estimated two ways: queued tokens / its measured token rate, and
+   micro-batches ahead (queued prompts / max_batch_size) x its median batch time. The rate
+   lags after an idle spell (it averages 5 s, idle time included), the batch count misjudges
+   long prompts, so the smaller of the two is taken: a request is refused only when both say
+   it is late. The router sends work to the less loaded of two workers, so the fleet's wait
+   is the shortest worker's (the prompt's own batch included in the count). If that is longer than the
+   TTFT SLO or the request's own deadline, the request would miss it anyway: reject now,
+   while the client can still go elsewhere, instead of after the wait.
 
-Unknowns admit: no reports, no capacity reported, no throughput measured yet. The decode
-worker's bounded wait queue stays the last line of defence.
+Unknowns admit: no reports, no capacity reported, no throughput measured yet. Within one
+report interval a burst is not seen here; the workers' bounded queues (RESOURCE_EXHAUSTED)
+are the last line of defence.
 """
 
 from __future__ import annotations
@@ -80,39 +83,41 @@ def kv_room(worker: LoadReport, reserve_fraction: float) -> int:
 
 @dataclass(frozen=True)
 class FleetView:
-    """What admission needs from the reports, summed once per directory refresh (not per request)."""
+    """What admission needs from the reports, computed once per directory refresh (not per request)."""
 
     largest_kv: int = 0  # the largest KV capacity of a live decode worker; 0: unknown
     best_room: int = 0  # the most KV room any live decode worker has
     decode_tokens_per_s: float = 0.0
-    queued_tokens: int = 0  # prompt tokens reported waiting in prefill and decode
-    prefill_tokens_per_s: float = 0.0  # throughput of the backlogged prefill workers
+    first_token_wait_s: float | None = 0.0  # shortest estimated prefill wait; None: not measured
+
+
+def prefill_wait_s(worker: LoadReport) -> float | None:
+    """Seconds until a prompt sent to this worker now would be in a finished batch; None: unknown."""
+    if worker.queued_tokens == 0 and worker.queue_len == 0:
+        return 0.0  # its own batch is compute, not waiting; a median batch may be far longer
+    batch_s = worker.step_ms_p50 / 1000
+    guesses = []
+    if worker.prompt_tokens_per_s > 0:
+        guesses.append(worker.queued_tokens / worker.prompt_tokens_per_s)
+    if batch_s > 0 and worker.config is not None and worker.config.max_batch_size > 0:
+        guesses.append(math.ceil(worker.queue_len / worker.config.max_batch_size) * batch_s)
+    return min(guesses) if guesses else None
 
 
 def summarize(prefill: Sequence[LoadReport], decode: Sequence[LoadReport], policy: AdmissionPolicy) -> FleetView:
     live = [w for w in decode if not w.draining and w.kv_capacity_tokens > 0]
-    backlogged = [w for w in prefill if w.queued_tokens > 0 and w.prompt_tokens_per_s > 0]
+    waits = [prefill_wait_s(w) for w in prefill if not w.draining]
+    known = [w for w in waits if w is not None]
     return FleetView(
         largest_kv=max((w.kv_capacity_tokens for w in live), default=0),
         best_room=max((kv_room(w, policy.kv_reserve_fraction) for w in live), default=0),
         decode_tokens_per_s=sum(w.output_tokens_per_s for w in live),
-        queued_tokens=sum(w.queued_tokens for w in prefill) + sum(w.queued_tokens for w in decode),
-        prefill_tokens_per_s=sum(w.prompt_tokens_per_s for w in backlogged),
+        # no prefill worker: decode prefills locally, nothing to judge; none measured: unknown
+        first_token_wait_s=min(known) if known else (0.0 if not waits else None),
     )
 
 
-def estimated_wait_s(fleet: FleetView, local_queued_tokens: int, prompt_tokens: int) -> float | None:
-    """Seconds until this prompt's first token, or None when throughput is not measured."""
-    # Our own waiting requests may not be in a report yet; theirs are, so take the larger.
-    ahead = max(fleet.queued_tokens, local_queued_tokens)
-    if ahead == 0:
-        return 0.0
-    if fleet.prefill_tokens_per_s <= 0:
-        return None
-    return (ahead + prompt_tokens) / fleet.prefill_tokens_per_s
-
-
-def decide(req: AdmissionRequest, fleet: FleetView, local_queued_tokens: int, policy: AdmissionPolicy) -> Verdict:
+def decide(req: AdmissionRequest, fleet: FleetView, policy: AdmissionPolicy) -> Verdict:
     if not policy.enabled:
         return Verdict(ADMIT)
     if fleet.largest_kv:
@@ -127,7 +132,7 @@ def decide(req: AdmissionRequest, fleet: FleetView, local_queued_tokens: int, po
             return Verdict(KV_FULL, f"no decode worker has KV room for {req.kv_tokens} tokens (prompt + max_tokens) "
                                     f"now; the most any worker has is {max(fleet.best_room, 0)}",
                            _clamp(wait, policy))
-    wait = estimated_wait_s(fleet, local_queued_tokens, req.prompt_tokens)
+    wait = fleet.first_token_wait_s
     if wait is not None:
         budget = min(policy.ttft_slo_s, req.deadline_s)
         if wait > budget:

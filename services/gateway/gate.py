@@ -134,8 +134,7 @@ class Gate:
                                              f"tokens/s) is used up; {retry_advice(charge.retry_after_s)}",
                                charge.retry_after_s, code="rate_limit_exceeded")
         ticket = Ticket(caller, cost if self.budgets is not None else 0)
-        verdict = decide(AdmissionRequest(prompt_tokens, max_tokens, timeout_s), self.fleet(),
-                         self.pipeline.queued_tokens, self.policy)
+        verdict = decide(AdmissionRequest(prompt_tokens, max_tokens, timeout_s), self.fleet(), self.policy)
         if verdict.reason != ADMIT:
             await self.release(ticket, 0)
             self.metrics.rejected.labels(verdict.reason).inc()
