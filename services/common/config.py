@@ -76,10 +76,13 @@ class WorkerConfig:
     drain_grace_s: float = 30.0  # SIGTERM: how long running work may take to finish
     gpu_share: float = 1.0  # fraction of a GPU (MPS/MIG) or of the CPU this worker has
     experts: str = "local"  # MoE models: local (experts in this worker) or remote (the experts service)
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on `host`; 0: off
 
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535, got {self.metrics_port}")
         if self.heartbeat_ttl_s <= self.report_interval_s:
             raise ValueError("heartbeat_ttl_s must exceed report_interval_s")
         if not 0 < self.gpu_share <= 1:

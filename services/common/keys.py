@@ -40,3 +40,8 @@ def expert_tokens(prefix: str) -> str:
     """Tokens computed per expert since the store started (a hash: expert index -> count), summed
     over layers and replicas by the experts servers; rates over time show the routing skew."""
     return f"{prefix}:experts:tokens"
+
+
+def key_budget(prefix: str, key_id: str) -> str:
+    """One API key's token bucket shared by every gateway (a hash: level, updated); expires once full."""
+    return f"{prefix}:budget:{key_id}"

@@ -13,6 +13,8 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from .request_context import RequestIdInterceptor
+
 log = structlog.get_logger(__name__)
 
 KEEPALIVE_MS = 5000  # a peer that stops answering pings for this long after one is declared gone
@@ -49,6 +51,10 @@ class GrpcService:
     def add_servicers(self, server: grpc.aio.Server) -> None:
         raise NotImplementedError
 
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS material for the port; None serves plaintext."""
+        return None
+
     async def on_start(self) -> None:
         """Runs after the port is bound, before the service reports SERVING."""
 
@@ -59,10 +65,14 @@ class GrpcService:
         """Release everything else (store connections, threads)."""
 
     async def start(self) -> None:
-        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=[RequestIdInterceptor()])
         self.add_servicers(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(self._bind)
+        creds = self.credentials()
+        if creds is None:
+            self.port = self.server.add_insecure_port(self._bind)
+        else:
+            self.port = self.server.add_secure_port(self._bind, creds)
         if self.port == 0:
             raise OSError(f"{self.name}: cannot bind {self._bind}")
         await self.server.start()

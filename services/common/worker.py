@@ -36,6 +36,7 @@ class Worker(GrpcService):
         self._store = None
         self._registration: WorkerRegistration | None = None
         self.remote_experts = None  # experts=remote: services.experts.client.RemoteExperts
+        self.metrics = None  # the stage's metrics (services/<stage>/metrics.py), set by the subclass
 
     @property
     def address(self) -> str:
@@ -56,6 +57,8 @@ class Worker(GrpcService):
             self.remote_experts = await attach_remote_experts(
                 self.runner.model, self.config.store_url, self.config.store_prefix
             )
+        if self.metrics is not None:
+            self.metrics.http.serve(self.metrics.registry, self.config.host, self.config.metrics_port)
         if self.config.store_url:
             self._store = connect(self.config.store_url)
             self._registration = WorkerRegistration(
@@ -101,6 +104,8 @@ class Worker(GrpcService):
                 log.warning(f"{self.stage}.drain_publish_failed", error=str(exc))
 
     async def on_stop(self) -> None:
+        if self.metrics is not None:
+            self.metrics.http.close()
         if self._registration is not None:
             await self._registration.stop()
         if self.remote_experts is not None:

@@ -15,6 +15,7 @@ import torch
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_transport import KvLayout, KvReceiver, ShmFile, host_id
 from ..common.registry import WorkerDirectory
+from ..common.request_context import outgoing_metadata
 from ..common.tasks import spawn
 from ..common.runtime_config import RuntimeConfig
 from ..common.server import GRPC_OPTIONS
@@ -26,6 +27,7 @@ from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .config import DecodeConfig
 from .engine import DecodeEngine
+from .metrics import DecodeMetrics
 from .migration import MIGRATED, Migrations
 from .sequence import Sequence
 
@@ -56,6 +58,7 @@ class DecodeWorker(Worker):
         self.sequences: set[Sequence] = set()  # streaming to a client through this worker
         self.migrations = Migrations(self, config.adopt_timeout_s)
         self._expiry_task: asyncio.Task | None = None
+        self.metrics = DecodeMetrics(self)
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_DecodeServicer_to_server(DecodeServicer(self), server)
@@ -181,6 +184,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             prompt = list(request.prompt_token_ids)
             check_prompt(prompt, cfg.vocab_size, cfg.max_model_len, params.max_tokens)
         except BadRequest as exc:
+            w.metrics.requests.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if w.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is draining; retry on another worker")
@@ -201,11 +205,16 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         try:
             await w.reserve(seq, request.deadline_unix_s)
         except Overloaded as exc:
+            w.metrics.requests.labels("overloaded").inc()
             context.set_trailing_metadata((("retry-after-ms", str(RETRY_AFTER_MS)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in {RETRY_AFTER_MS} ms")
         except asyncio.TimeoutError:
+            w.metrics.requests.labels("timeout").inc()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while waiting for KV space")
         timings.decode_queue_ms = (time.monotonic() - start) * 1000
+        w.metrics.requests.labels("admitted").inc()
+        w.metrics.prompt_tokens.inc(len(prompt))
+        w.metrics.queue_wait.observe(timings.decode_queue_ms / 1000)
 
         added = False
         try:
@@ -254,8 +263,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 if finish == "error":
                     seq.finish_reason = FinishReason.ABORT
                     await context.abort(grpc.StatusCode.INTERNAL, "decode step failed; see the worker's log")
-                yield pb.TokenChunk(token_ids=[t for t in tokens if t is not None], finish_reason=finish or "",
-                                    timings=timings if first else None)
+                out = [t for t in tokens if t is not None]
+                w.metrics.tokens_out.inc(len(out))
+                yield pb.TokenChunk(token_ids=out, finish_reason=finish or "", timings=timings if first else None)
                 first = False
                 if finish:
                     return
@@ -305,7 +315,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             call = stub.Prefill(pb.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target,
                 sampling_offset=seq.sampling_offset,
-            ))
+            ), metadata=outgoing_metadata(request.request_id))
             receiver = None
             kv_start = None
             async for msg in call:
@@ -324,6 +334,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 raise ConnectionError("prefill stream ended before the whole KV arrived")
             w.engine.kv_written(seq, len(prompt))
             timings.kv_transfer_ms = (time.monotonic() - kv_start) * 1000
+            w.metrics.kv_transfer.observe(timings.kv_transfer_ms / 1000)
             w.kv_sources[receiver.transport] += 1
         except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
             # blocks written so far are overwritten by the recompute (num_computed is unchanged)

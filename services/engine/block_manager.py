@@ -56,6 +56,7 @@ class BlockManager:
         self._free = list(range(num_blocks - 1, -1, -1))  # never registered; pop() gives the lowest id
         self._cached: dict[int, int] = {}  # prefix key -> block id
         self._evictable: OrderedDict[int, None] = OrderedDict()  # registered, ref 0, least recent first
+        self.evictions = 0  # cached prefix blocks reused for other data (a metric)
         self._tables: dict[Hashable, _Table] = {}
         self._lock = threading.RLock()
         self.prefix_hits = 0  # blocks matched in the prefix cache, for the load report
@@ -185,6 +186,7 @@ class BlockManager:
             b = self._free.pop()
         else:
             b, _ = self._evictable.popitem(last=False)  # least recently freed cached block
+            self.evictions += 1
             block = self._blocks[b]
             del self._cached[block.key]
             block.key, block.tokens = None, ()

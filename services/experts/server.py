@@ -29,6 +29,7 @@ from ..engine.tiny_moe import ensure_tiny_moe_model
 from ..proto import experts_pb2 as pb
 from ..proto import experts_pb2_grpc as pb_grpc
 from .config import ExpertsConfig
+from .metrics import ExpertsMetrics
 from .placement import Placement, stage_of
 from .placement_store import ensure_placement
 from .weights import CheckpointExperts, SyntheticExperts
@@ -52,6 +53,7 @@ class ExpertsWorker(Worker):
         self.in_flight_tokens = 0
         self._unpublished: Counter[int] = Counter()
         self._publisher: asyncio.Task | None = None
+        self.metrics = ExpertsMetrics()
 
     async def start(self) -> None:
         """Load the weight source instead of a whole model, then the common service start."""
@@ -89,6 +91,7 @@ class ExpertsWorker(Worker):
             mine = list(self.placement.groups.get(cfg.expert_group, ()))
             await asyncio.get_running_loop().run_in_executor(self._executor, self.experts.load, mine)
             log.info("experts.loaded", group=cfg.expert_group, experts=mine, placement_version=self.placement.version)
+            self.metrics.placement_version.set(self.placement.version)
         await super().on_start()  # registers: the group's callers see this server only once it is loaded
         if self._store is not None:
             self._publisher = spawn(self._publish_tokens(), name="experts.publish_tokens")
@@ -106,13 +109,20 @@ class ExpertsWorker(Worker):
         pairs = int(call.expert_ids.numel())
         self.in_flight_calls += 1
         self.in_flight_tokens += pairs
+        group, m = self.config.expert_group, self.metrics
+        m.in_flight.labels(group).inc()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, call)
         finally:
             self.in_flight_calls -= 1
             self.in_flight_tokens -= pairs
             self.tokens_in.add(pairs)
-            self._unpublished.update(call.expert_ids.tolist())
+            routed = Counter(call.expert_ids.tolist())
+            self._unpublished.update(routed)
+            m.in_flight.labels(group).dec()
+            m.requests.labels(group).inc()
+            m.batch_tokens.labels(group).observe(pairs)
+            m.routed(group, routed)
 
     def _compute(self, call: ExpertCall) -> tuple[torch.Tensor, float]:
         start = time.perf_counter()
@@ -123,6 +133,7 @@ class ExpertsWorker(Worker):
             time.sleep(hold)  # emulated device time (benchmarks); this thread is the device, so calls queue
         ms = (time.perf_counter() - start) * 1000
         self.call_ms.add(ms)
+        self.metrics.forward.labels(self.config.expert_group).observe(ms / 1000)
         return out.to(call.x.dtype), ms
 
     async def _publish_tokens(self) -> None:

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 import grpc
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto
+from ..common.request_context import bind_request_id
 from ..common.types import GenerationRequest
+from .auth import Unauthorized
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .generation import RequestStats, generate
@@ -45,6 +47,10 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         check_prompt(prompt, gw.tokenizer.vocab_size, gw.limits.max_model_len, params.max_tokens)
         if len(request.stop) > gw.limits.max_stop_strings or any(not s for s in request.stop):
             raise BadRequest(f"stop takes at most {gw.limits.max_stop_strings} non-empty strings")
+        if not 0 <= request.timeout_s <= gw.config.max_timeout_s:  # NaN fails too
+            raise BadRequest(f"timeout_s must be between 0 (the default, {gw.config.default_timeout_s:g} s) and "
+                             f"{gw.config.max_timeout_s:g}, got {request.timeout_s}")
+        gw.gate.check_prompt(len(prompt), "prompt")
         return GenerationRequest(
             request_id=request.request_id or f"gen-{uuid.uuid4().hex}",
             prompt_token_ids=tuple(prompt),
@@ -54,13 +60,29 @@ class GatewayServicer(pb_grpc.GatewayServicer):
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        gw = self.gw
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        try:
+            caller = gw.auth.identify(metadata.get("authorization"))
+        except Unauthorized as exc:
+            gw.metrics.rejected.labels("unauthorized").inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{exc} (gRPC metadata 'authorization')")
+        stats = RequestStats()
+        ticket = None
         try:
             req = self._admit(request)
+            bind_request_id(req.request_id)
+            timeout = req.timeout_s or gw.config.default_timeout_s
+            remaining = context.time_remaining()  # the client's own deadline, if it set one
+            if remaining is not None:
+                timeout = min(timeout, remaining)
+            ticket = await gw.gate.admit(caller, len(req.prompt_token_ids), req.sampling.max_tokens, timeout,
+                                   "sampling.max_tokens")
         except BadRequest as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        stats = RequestStats()
-        timeout = req.timeout_s or self.gw.config.default_timeout_s
-        deltas = generate(self.gw.pipeline, self.gw.tokenizer.tokenizer, req, timeout, stats)
+        except PipelineError as exc:
+            await self._abort(context, exc)
+        deltas = generate(gw.pipeline, gw.tokenizer.tokenizer, req, timeout, stats)
         try:
             async for delta in deltas:
                 last = delta.finish_reason is not None
@@ -73,8 +95,13 @@ class GatewayServicer(pb_grpc.GatewayServicer):
                         msg.timings.CopyFrom(stats.timings)
                 yield msg
         except PipelineError as exc:
-            if exc.retry_after_s is not None:
-                context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
-            await context.abort(STATUS[exc.kind], str(exc))
+            await self._abort(context, exc)
         finally:
             await deltas.aclose()
+            used = len(req.prompt_token_ids) if stats.first_token_at is not None else 0
+            await gw.gate.release(ticket, used + stats.completion_tokens)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: PipelineError) -> None:
+        if exc.retry_after_s is not None:
+            context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+        await context.abort(STATUS[exc.kind], str(exc))

@@ -13,7 +13,10 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..common.request_context import bind_request_id, unbind_request_id
 from ..common.types import GenerationRequest
+from .auth import EXEMPT_PATHS, Unauthorized
+from .gate import Rejected, Ticket, parse_timeout
 from .generation import Delta, RequestStats, generate
 from .openai_protocol import KIND_CHAT, ApiError, parse_chat, parse_completion, resolve_max_tokens
 from .openai_responses import (
@@ -31,11 +34,16 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+CALLER = web.RequestKey("caller", str)  # who sent the request (a hash of its API key), for budgets
+
 PIPELINE_STATUS = {"unavailable": 503, "overloaded": 429, "invalid": 400, "timeout": 504, "failed": 502}
 
 
 def api_error(exc: PipelineError) -> ApiError:
-    return ApiError(PIPELINE_STATUS[exc.kind], str(exc), retry_after_s=exc.retry_after_s)
+    param = code = None
+    if isinstance(exc, Rejected):
+        param, code = exc.param, exc.code
+    return ApiError(PIPELINE_STATUS[exc.kind], str(exc), param=param, code=code, retry_after_s=exc.retry_after_s)
 
 
 def error_response(err: ApiError) -> web.Response:
@@ -48,6 +56,26 @@ def error_response(err: ApiError) -> web.Response:
 class OpenAIApi:
     def __init__(self, gateway: "Gateway"):
         self.gw = gateway
+
+    @web.middleware
+    async def guard(self, request: web.Request, handler):
+        """Every answer is OpenAI-shaped: auth first (probes and scrapes exempt), then aiohttp's
+        own errors (404, 405, 413) and anything unexpected become JSON error bodies."""
+        if request.path not in EXEMPT_PATHS:
+            try:
+                request[CALLER] = self.gw.auth.identify(request.headers.get("Authorization"))
+            except Unauthorized as exc:
+                self.gw.metrics.rejected.labels("unauthorized").inc()
+                return error_response(ApiError(401, str(exc), code="invalid_api_key"))
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return error_response(ApiError(exc.status, f"{request.method} {request.path}: {exc.reason}"))
+        except Exception:
+            log.exception("gateway.http_error", path=request.path)
+            return error_response(ApiError(500, "internal error; see the gateway's log"))
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/completions", self.completions)
@@ -71,6 +99,8 @@ class OpenAIApi:
         m.stage_requests.labels("queued").set(p.queued)
         m.stage_requests.labels("decoding").set(p.decoding)
         m.queued_prompt_tokens.set(p.queued_tokens)
+        m.fleet_kv_tokens.labels("used").set(sum(w.kv_used_tokens for w in p.workers["decode"]))
+        m.fleet_kv_tokens.labels("capacity").set(sum(w.kv_capacity_tokens for w in p.workers["decode"]))
         return web.Response(body=generate_latest(self.gw.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -86,16 +116,18 @@ class OpenAIApi:
             response = await self._handle(request, endpoint)
         finally:
             m.in_flight.dec()
+            unbind_request_id()  # a kept-alive connection's next request must not inherit it
         m.requests.labels(endpoint, str(response.status)).inc()
         return response
 
     async def _admit(self, request: web.Request, endpoint: str):
         try:
             body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ApiError(400, f"request body is not valid JSON: {str(exc)[:200]}") from None
         limits = self.gw.limits
         call = parse_chat(body, limits) if endpoint == "chat" else parse_completion(body, limits)
+        timeout_s = parse_timeout(body, request.headers, self.gw.config)
         tok = self.gw.tokenizer
         if call.kind == KIND_CHAT:
             prompt_ids = tok.encode_chat(call.messages)
@@ -106,6 +138,8 @@ class OpenAIApi:
                 raise ApiError(400, f"prompt holds token id {bad}; ids must be < {tok.vocab_size}", param="prompt")
         else:
             prompt_ids = tok.encode_text(call.prompt)
+        prompt_param = "messages" if call.kind == KIND_CHAT else "prompt"
+        self.gw.gate.check_prompt(len(prompt_ids), prompt_param)
         max_tokens = resolve_max_tokens(call, len(prompt_ids), limits)
         prefix = "chatcmpl" if call.kind == KIND_CHAT else "cmpl"
         req = GenerationRequest(
@@ -113,18 +147,25 @@ class OpenAIApi:
             prompt_token_ids=tuple(prompt_ids),
             sampling=replace(call.sampling, max_tokens=max_tokens),
             stop=call.stop,
+            timeout_s=timeout_s,
         )
-        return call, req
+        ticket = await self.gw.gate.admit(request.get(CALLER, "anonymous"), len(prompt_ids), max_tokens, timeout_s,
+                                    call.max_tokens_param)
+        return call, req, ticket
 
     async def _handle(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         stats = RequestStats()
+        ticket: Ticket | None = None
         try:
-            call, req = await self._admit(request, endpoint)
-            deltas = generate(self.gw.pipeline, self.gw.tokenizer.tokenizer, req, self.gw.config.default_timeout_s, stats)
+            call, req, ticket = await self._admit(request, endpoint)
+            bind_request_id(req.request_id)
+            deltas = generate(self.gw.pipeline, self.gw.tokenizer.tokenizer, req, req.timeout_s, stats)
             first = await anext(deltas)  # errors before the first token become HTTP statuses
         except ApiError as err:
+            await self._release(ticket, None, stats)
             return error_response(err)
         except PipelineError as exc:
+            await self._release(ticket, None, stats)
             return error_response(api_error(exc))
         self.gw.metrics.prompt_tokens.inc(len(req.prompt_token_ids))
         if stats.ttft_s is not None:
@@ -135,8 +176,13 @@ class OpenAIApi:
             return await self._collect(call, req, first, deltas, stats)
         finally:
             await deltas.aclose()
+            await self._release(ticket, req, stats)
             self.gw.metrics.completion_tokens.inc(stats.completion_tokens)
             self.gw.metrics.e2e.observe(time.monotonic() - stats.start)
+
+    async def _release(self, ticket: Ticket | None, req: GenerationRequest | None, stats: RequestStats) -> None:
+        prompt = len(req.prompt_token_ids) if req is not None and stats.first_token_at is not None else 0
+        await self.gw.gate.release(ticket, prompt + stats.completion_tokens)
 
     async def _collect(self, call, req, first: Delta, deltas, stats) -> web.Response:
         parts, last, ids = [first.text], first, list(first.token_ids)
@@ -153,10 +199,11 @@ class OpenAIApi:
         if call.return_token_ids:
             body["choices"][0]["token_ids"] = ids
             body["prompt_token_ids"] = list(req.prompt_token_ids)
-        return web.json_response(body, headers=_timing_headers(stats))
+        return web.json_response(body, headers={**_timing_headers(stats), "X-Request-Id": req.request_id})
 
     async def _stream(self, request, call, req, first: Delta, deltas, stats) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Request-Id": req.request_id})
         await response.prepare(request)
         created = self.gw.now()
         chat = call.kind == KIND_CHAT

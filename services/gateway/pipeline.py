@@ -10,7 +10,7 @@ import asyncio
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import grpc
@@ -19,6 +19,7 @@ import structlog
 from ..common.convert import sampling_to_proto
 from ..common.load_report import LoadReport
 from ..common.registry import WorkerDirectory
+from ..common.request_context import outgoing_metadata
 from ..common.server import GRPC_OPTIONS
 from ..common.stats import LatencyWindow, RateWindow
 from ..common.tasks import spawn
@@ -71,6 +72,7 @@ class Pipeline:
         self.tokens_out = RateWindow()
         self.ttft_ms = LatencyWindow()  # for the scaler's SLO signal
         self.itl_ms = LatencyWindow()
+        self.on_itl: Callable[[float], None] = lambda seconds: None  # per-token gap, for the ITL histogram
         self._suspect: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task | None = None
@@ -126,7 +128,9 @@ class Pipeline:
                     self.decoding += 1
                     self.ttft_ms.add((now - last) * 1000)
                 elif event.token_ids:
-                    self.itl_ms.add((now - last) * 1000 / len(event.token_ids))
+                    gap = (now - last) / len(event.token_ids)
+                    self.itl_ms.add(gap * 1000)
+                    self.on_itl(gap)
                 last = now
                 self.tokens_out.add(len(event.token_ids))
                 yield event
@@ -161,7 +165,8 @@ class Pipeline:
                 address, migration_id = resume
                 worker_id = next((w.worker_id for w in self.workers["decode"] if w.address == address), address)
                 call = pb_grpc.DecodeStub(self._channel(address)).Resume(
-                    pb.ResumeRequest(migration_id=migration_id), timeout=max(deadline - time.time(), 0.001))
+                    pb.ResumeRequest(migration_id=migration_id), timeout=max(deadline - time.time(), 0.001),
+                    metadata=outgoing_metadata(req.request_id))
                 resume = None
             else:
                 if attempts > self.retries:
@@ -232,6 +237,7 @@ class Pipeline:
                 sampling_offset=len(sent),
             ),
             timeout=max(deadline - time.time(), 0.001),
+            metadata=outgoing_metadata(req.request_id),
         )
 
     def _classify(self, exc: grpc.aio.AioRpcError, worker_id: str, address: str) -> PipelineError:

@@ -18,7 +18,9 @@ from ..common.store import connect
 from ..engine.model_config import ModelConfig
 from ..engine.tiny import ensure_tiny_model
 from ..proto import inference_pb2_grpc as pb_grpc
+from .auth import Authenticator, load_keys
 from .config import GatewayConfig
+from .gate import Gate
 from .grpc_api import GatewayServicer
 from .http_api import OpenAIApi
 from .metrics import GatewayMetrics
@@ -44,6 +46,7 @@ class Gateway(GrpcService):
         self._store = None
         self._registration: WorkerRegistration | None = None
         self.gateway_id = f"gateway-{uuid.uuid4().hex[:8]}"
+        self.auth = Authenticator(load_keys(config.api_keys, config.api_keys_file))
 
     @staticmethod
     def now() -> int:
@@ -68,6 +71,8 @@ class Gateway(GrpcService):
             self.config.overload_retry_after_s,
             self.config.cold_start_wait_s,
         )
+        self.pipeline.on_itl = self.metrics.itl.observe
+        self.gate = Gate(self.config, self.pipeline, self.metrics, store=self._store)
         await self.pipeline.start()
         await super().start()
         self._registration = WorkerRegistration(
@@ -100,14 +105,16 @@ class Gateway(GrpcService):
         pb_grpc.add_GatewayServicer_to_server(GatewayServicer(self), server)
 
     async def on_start(self) -> None:
-        app = web.Application(client_max_size=8 << 20)
-        OpenAIApi(self).add_routes(app)
+        api = OpenAIApi(self)
+        app = web.Application(client_max_size=8 << 20, middlewares=[api.guard])
+        api.add_routes(app)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.http_port)
         await site.start()
         self.http_port = site._server.sockets[0].getsockname()[1]
-        log.info("gateway.http_started", url=f"http://{self.config.host}:{self.http_port}/v1")
+        log.info("gateway.http_started", url=f"http://{self.config.host}:{self.http_port}/v1",
+                 auth="on" if self.auth.enabled else "off")
 
     async def on_stop(self) -> None:
         if self._registration is not None:

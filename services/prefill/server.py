@@ -17,6 +17,7 @@ from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .batcher import PrefillBatcher, PrefillJob, QueueFull
 from .config import PrefillConfig
+from .metrics import PrefillMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -29,6 +30,7 @@ class PrefillWorker(Worker):
         self.batcher: PrefillBatcher | None = None
         self._loop_task: asyncio.Task | None = None
         self.active = 0  # requests accepted and not yet fully streamed
+        self.metrics = PrefillMetrics(self)
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_PrefillServicer_to_server(PrefillServicer(self), server)
@@ -83,6 +85,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             prompt = list(request.prompt_token_ids)
             check_prompt(prompt, w.runner.config.vocab_size, w.runner.config.max_model_len)
         except BadRequest as exc:
+            w.metrics.requests.labels("invalid").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         job = PrefillJob(
@@ -92,11 +95,16 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         try:
             w.batcher.submit(job)
         except QueueFull as exc:
+            w.metrics.requests.labels("overloaded").inc()
             context.set_trailing_metadata((("retry-after-ms", "200"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in 200 ms or on another worker")
         w.active += 1
+        w.metrics.requests.labels("admitted").inc()
+        w.metrics.prompt_tokens.inc(len(prompt))
         try:
             out = await job.future
+            w.metrics.queue_wait.observe(job.queue_ms / 1000)
+            w.metrics.compute.observe(job.compute_ms / 1000)
             transport, chunks = send_chunks(out.kv, request.kv_target if request.HasField("kv_target") else None)
             yield pb.PrefillChunk(
                 head=pb.PrefillHead(

@@ -23,6 +23,10 @@ class ScalerConfig:
     stream_repeat_s: float = 5.0  # StreamIsActive: an unchanged value is re-sent at most this often
     checkpoint_ttl_s: float = 7 * 24 * 3600.0  # a ScaledObject's state outlives this much silence
     drain_grace_s: float = 5.0  # SIGTERM: how long open streams get to end
+    # TLS for KEDA (see services/scaler/tls.py): PEM files, e.g. from a mounted Secret.
+    tls_cert_file: str = ""  # the scaler's certificate chain; with tls_key_file, serve TLS
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # CA that signs KEDA's client certificate: require it (mutual TLS)
 
     def validate(self) -> None:
         for name in ("port", "metrics_port"):
@@ -36,3 +40,7 @@ class ScalerConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.store_prefix:
             raise ValueError("store_prefix must not be empty")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")

@@ -36,6 +36,11 @@ class ScalerMetrics:
         self.metric_value = Gauge(
             "elastune_scaler_metric_value", "The value last returned to KEDA (replicas or tokens/s)", labels, registry=r
         )
+        self.reason = Gauge(
+            "elastune_scaler_decision_reason", "1 for the reason of the last decision answered (0 for earlier ones)",
+            ["stage", "scaled_object", "reason"], registry=r,
+        )
+        self._last_reason: dict[tuple[str, str], str] = {}
         self.decisions = Counter(
             "elastune_scaler_decisions_total", "Decisions taken, by the reason each one gave", ["stage", "reason"],
             registry=r,
@@ -52,6 +57,11 @@ class ScalerMetrics:
         self.current.labels(stage, scaled_object).set(record.ready_replicas)
         self.pending.labels(stage, scaled_object).set(record.pending_replicas)
         self.metric_value.labels(stage, scaled_object).set(record.value)
+        reason, before = record.decision.reason, self._last_reason.get((stage, scaled_object))
+        if before is not None and before != reason:
+            self.reason.labels(stage, scaled_object, before).set(0)
+        self.reason.labels(stage, scaled_object, reason).set(1)
+        self._last_reason[(stage, scaled_object)] = reason
 
     def decided(self, stage: str, reason: str) -> None:
         self.decisions.labels(stage, reason).inc()

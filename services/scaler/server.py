@@ -62,6 +62,7 @@ from .metrics import ScalerMetrics
 from .policy import decide, smoothed_load
 from .signal_source import SignalSource, StageView
 from .signals import ControllerState
+from .tls import server_credentials
 
 log = structlog.get_logger(__name__)
 
@@ -107,6 +108,9 @@ class ScalerService(GrpcService):
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_ExternalScalerServicer_to_server(ExternalScalerServicer(self), server)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        return server_credentials(self.config)  # TLS for KEDA: services/scaler/tls.py
 
     async def on_start(self) -> None:
         self.metrics.serve(self.config.metrics_host, self.config.metrics_port)

@@ -23,6 +23,8 @@ class TunerConfig:
     backlog_drain_s: float = 10.0  # queued tokens count as load spread over this long
     device_kind: str = ""  # the table's device key; empty: "cpu" for a CPU worker, else the table's GPU
     share: float = 0.0  # the pod's share; 0: detect (MPS %, MIG profile, the worker's report)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 0  # Prometheus /metrics over HTTP; 0: off
 
     def validate(self) -> None:
         if not self.worker:

@@ -57,12 +57,14 @@ class TunerSidecar:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        self.metrics.http.serve(self.metrics.registry, self.config.metrics_host, self.config.metrics_port)
         self._task = spawn(self._run(), name="tuner.loop")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        self.metrics.http.close()
         await self._channel.close()
         if self._store is not None:
             await self._store.aclose()
@@ -113,6 +115,7 @@ class TunerSidecar:
             await self._admin.SetConfig(pb.RuntimeConfig(**decision.apply), timeout=5)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                self.metrics.apply_failures.labels(stage).inc()
                 raise
             self.state.rejected.add(tuple(sorted(decision.apply.items())))
             self.metrics.rejected.labels(stage).inc()
@@ -121,8 +124,7 @@ class TunerSidecar:
         explore_s = self.config.explore_s if decision.reason == "explore" else 0.0
         self.state.applied(decision.apply, now, explore_s)
         self.history.append((now, share, dict(decision.apply), decision.reason))
-        self.metrics.config_changes.labels(stage, decision.reason).inc()
-        self.metrics.max_batch_size.labels(stage).set(decision.apply.get("max_batch_size", 0))
+        self.metrics.applied(stage, decision.reason, decision.apply)
         log.info("tuner.config_applied", stage=stage, share=share, reason=decision.reason, **decision.apply)
 
     async def _flush(self, stage: str) -> None:
@@ -130,7 +132,7 @@ class TunerSidecar:
             return
         points, self._pending = self._pending, []
         self.table = await TuningTable.update(self._store, self.config.store_prefix, points)
-        self.metrics.observations.labels(stage).inc(len(points))
+        self.metrics.table_updates.labels(stage, "online").inc(len(points))
 
 
 async def main(config: TunerConfig) -> None:
