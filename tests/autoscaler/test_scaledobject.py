@@ -30,7 +30,7 @@ def _with_spec(extra: str) -> str:
 
 def test_repo_manifests_parse_to_the_two_stages() -> None:
     objects = {so.stage: so for so in load_dir(REPO / "k8s/base")}
-    assert set(objects) == {"prefill", "decode", "experts"}  # experts: group g0 (scaledobject-experts-g0.yaml)
+    assert set(objects) == {"prefill", "decode", "experts/g0"}  # scaledobject-experts-g0.yaml: stage experts, group g0
     prefill, decode = objects["prefill"], objects["decode"]
     assert (prefill.name, prefill.namespace, prefill.target) == ("elastune-prefill", "elastune", "elastune-prefill")
     assert decode.target == "elastune-decode" and decode.triggers[0].push and not prefill.triggers[0].push
