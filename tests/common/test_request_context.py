@@ -71,7 +71,7 @@ async def test_request_id_reaches_decode_and_prefill(store_url, tiny_model):
     stack = await start_stack(store_url, tiny_model)
     seen: dict[str, str | None] = {}
     decode, prefill = stack.decode[0], stack.prefill[0]
-    reserve, submit = decode.reserve_slot, prefill.batcher.submit
+    reserve, submit = decode.reserve, prefill.batcher.submit
 
     async def spy_reserve(*args, **kwargs):
         seen["decode"] = current_request_id()
@@ -81,7 +81,7 @@ async def test_request_id_reaches_decode_and_prefill(store_url, tiny_model):
         seen["prefill"] = current_request_id()
         return submit(job)
 
-    decode.reserve_slot, prefill.batcher.submit = spy_reserve, spy_submit
+    decode.reserve, prefill.batcher.submit = spy_reserve, spy_submit
     try:
         async with aiohttp.ClientSession() as http:
             body = {"model": "tiny", "prompt": "trace me across services", "max_tokens": 2}
