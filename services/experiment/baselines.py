@@ -42,6 +42,7 @@ RUNS = ("static_peak", "static_peak_tuned", "static_mean", "keda_threshold", "el
         "no_smoothing", "no_cooldown", "symmetric", "no_deadline", "no_tuning")
 TUNED = {"static_peak_tuned", "elastic_tuned", "no_smoothing", "no_cooldown", "symmetric", "no_deadline"}
 PEAK_BIN_S = 60.0
+START_BINS = 2
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Demand:
 
     mean: dict[str, float]
     peak: dict[str, float]
+    start: dict[str, float]  # the first minutes' peak: what an elastic deployment runs when the trace begins
     workload: Workload
 
 
@@ -61,8 +63,10 @@ def demand(requests: list[Request]) -> Demand:
     span = max(float(arrival.max() - arrival.min()), PEAK_BIN_S)
     by = {"prefill": prompt, "decode": output}
     mean = {s: float(v.sum() / span) for s, v in by.items()}
-    peak = {s: float(np.bincount(bins, weights=v).max() / PEAK_BIN_S) for s, v in by.items()}
-    return Demand(mean, peak, Workload(float(prompt.mean()), float(output.mean())))
+    per_bin = {s: np.bincount(bins, weights=v) / PEAK_BIN_S for s, v in by.items()}
+    peak = {s: float(v.max()) for s, v in per_bin.items()}
+    start = {s: float(v[:START_BINS].max()) for s, v in per_bin.items()}
+    return Demand(mean, peak, start, Workload(float(prompt.mean()), float(output.mean())))
 
 
 def _policy(cfg: ExperimentConfig, stage: str, capacity: Any, share: float, max_replicas: int) -> StagePolicyConfig:
@@ -116,7 +120,7 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
             count = min(max(math.ceil(sized[stage] / (plan.tokens_per_s * util)), 1), most)
             controls[stage] = StageControl("static", replicas=count, min_replicas=count, max_replicas=count)
             continue
-        start = min(max(math.ceil(need.mean[stage] / (plan.tokens_per_s * util)), 1), most)
+        start = min(max(math.ceil(need.start[stage] / (plan.tokens_per_s * util)), 1), most)
         if run == "keda_threshold":
             controls[stage] = StageControl("threshold", replicas=start, threshold=5.0, max_replicas=most,
                                            behavior=HPABehavior(), tolerance=cfg.hpa.tolerance)

@@ -4,13 +4,39 @@ figure is drawn and the report says so."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from services.sim.result import RunData
+from services.sim.result import RunData, StageSample
 
 from .metrics import Slo, attainment_over_time
+
+CDF_POINTS = 2000
+
+
+@dataclass
+class Series:
+    """What the figures need of a run, small enough to keep for every run at once."""
+
+    ttft_s: np.ndarray  # sorted, subsampled
+    tpot_s: np.ndarray
+    attainment: list[tuple[float, float, int]]
+    timeline: list[StageSample]
+
+
+def _cdf_sample(values: list[float | None], ok: list[bool]) -> np.ndarray:
+    kept = np.sort(np.array([v for v, good in zip(values, ok) if good and v is not None], dtype=float))
+    if kept.size > CDF_POINTS:  # evenly spaced quantiles draw the same curve
+        kept = kept[np.linspace(0, kept.size - 1, CDF_POINTS).astype(int)]
+    return kept
+
+
+def series(data: RunData, slo: Slo) -> Series:
+    ok = [s == "ok" for s in data.status]
+    return Series(_cdf_sample(data.ttft_s, ok), _cdf_sample(data.tpot_s, ok), attainment_over_time(data, slo),
+                  data.timeline)
 
 
 def available() -> bool:
@@ -30,13 +56,11 @@ def _pyplot():
     return plt
 
 
-def latency_cdfs(runs: dict[str, RunData], slo: Slo, path: Path) -> Path:
+def latency_cdfs(runs: dict[str, Series], slo: Slo, path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, data in runs.items():
-        ok = np.array([s == "ok" for s in data.status])
-        for ax, column in zip(axes, (data.ttft_s, data.tpot_s)):
-            values = np.sort(np.array([v for v, good in zip(column, ok) if good and v is not None], dtype=float))
+        for ax, values in zip(axes, (data.ttft_s, data.tpot_s)):
             if values.size:
                 ax.plot(values * 1000, np.arange(1, values.size + 1) / values.size, label=name)
     for ax, title, limit in zip(axes, ("TTFT", "time per output token"), (slo.ttft_s, slo.tpot_s)):
@@ -52,7 +76,7 @@ def latency_cdfs(runs: dict[str, RunData], slo: Slo, path: Path) -> Path:
     return path
 
 
-def replicas_over_time(name: str, data: RunData, path: Path) -> Path:
+def replicas_over_time(name: str, data: Series, path: Path) -> Path:
     plt = _pyplot()
     stages = sorted({s.stage for s in data.timeline})
     fig, axes = plt.subplots(len(stages), 1, figsize=(11, 2.8 * max(len(stages), 1)), sharex=True, squeeze=False)
@@ -75,11 +99,11 @@ def replicas_over_time(name: str, data: RunData, path: Path) -> Path:
     return path
 
 
-def attainment(runs: dict[str, RunData], slo: Slo, path: Path) -> Path:
+def attainment(runs: dict[str, Series], slo: Slo, path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(11, 3.5))
     for name, data in runs.items():
-        rows = attainment_over_time(data, slo)
+        rows = data.attainment
         ax.plot([r[0] / 60 for r in rows], [r[1] * 100 for r in rows], label=name, linewidth=1)
     ax.axhline(99, color="k", linestyle="--", linewidth=0.8)
     ax.set_xlabel("minutes (by arrival)")
@@ -93,7 +117,7 @@ def attainment(runs: dict[str, RunData], slo: Slo, path: Path) -> Path:
     return path
 
 
-def draw_all(runs: dict[str, RunData], slo: Slo, folder: Path) -> list[Path]:
+def draw_all(runs: dict[str, Series], slo: Slo, folder: Path) -> list[Path]:
     """Every figure into `folder`; [] without matplotlib."""
     if not available():
         return []

@@ -99,10 +99,16 @@ def write_report(folder: str | Path) -> Path:
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
     slo = Slo(meta["slo"]["ttft_s"], meta["slo"]["tpot_s"])
-    runs = {run: rundata.load(folder / "runs" / run) for run in meta["runs"] if (folder / "runs" / run).is_dir()}
-    summaries = {run: summarize(data, slo, load_steps=meta.get("load_steps") or None) for run, data in runs.items()}
+    summaries, drawn = {}, {}
+    for run in meta["runs"]:  # one run in memory at a time: a 16-GPU trace run is ~0.5 M requests
+        if not (folder / "runs" / run).is_dir():
+            continue
+        data = rundata.load(folder / "runs" / run)
+        summaries[run] = summarize(data, slo, load_steps=meta.get("load_steps") or None)
+        drawn[run] = plots.series(data, slo)
+        del data
     (folder / "summary.json").write_text(json.dumps({"meta": meta, "runs": summaries}, indent=2) + "\n")
-    figures = [p.name for p in plots.draw_all(runs, slo, folder)]
+    figures = [p.name for p in plots.draw_all(drawn, slo, folder)]
     path = folder / "report.md"
     path.write_text(report.render(meta, summaries, figures))
     return path

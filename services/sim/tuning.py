@@ -4,8 +4,8 @@ The table holds what `elastune profile` would measure on the device the profile 
 for each share on a grid and each runtime config, throughput and per-token (decode) or per-batch
 (prefill) latency at the workload's typical lengths. The plan uses the tuner's own pure code
 (services/tuner: knees_by_batch, best_within_slo, choose) to pick each stage's share and config:
-per batch size the knee share, then the (batch, knee) pair with the most tokens/s per GPU within
-the SLO. Pure.
+per batch size the knee share, then among the (batch, knee) pairs within the SLO and within epsilon
+of the most tokens/s per GPU, the one with the lowest latency. Pure.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class StagePlan:
 
 
 def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, epsilon: float = 0.05) -> StagePlan:
-    """Knee share per config, then the config with the most tokens/s per GPU within the SLO."""
+    """Knee share per config, then the lowest-latency config within epsilon of the best tokens/s per GPU."""
     points = [p for s in table.shares(profile.name, stage, profile.device)
               for p in table.points(profile.name, stage, profile.device, s)]
     within = [p for p in points if p.meets(slo_ms)]
@@ -91,14 +91,16 @@ def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, 
     grouped = [ProfilePoint(p.model, p.stage, p.device, p.share, {"max_batch_size": p.config[key]},
                             p.throughput_tokens_per_s, p.latency_p50_ms, p.latency_p95_ms) for p in within]
     knees = knees_by_batch(grouped, epsilon)
-    best: StagePlan | None = None
+    candidates = []
     for size, share in knees.items():
         point = next(p for p in within if p.config[key] == size and abs(p.share - share) < 1e-9)
         plan = StagePlan(stage, share, dict(point.config), point.throughput_tokens_per_s)
-        if best is None or (plan.per_gpu, plan.share) > (best.per_gpu, best.share):
-            best = plan
-    assert best is not None
-    return best
+        candidates.append((plan, point.latency_p95_ms or 0.0))
+    # Within epsilon of the most tokens/s per GPU, the lowest latency wins: a bigger batch that
+    # buys 1% more throughput is not worth doubling every request's wait behind it.
+    top = max(plan.per_gpu for plan, _ in candidates)
+    near = [(latency, -plan.share, plan) for plan, latency in candidates if plan.per_gpu >= (1 - epsilon) * top]
+    return min(near, key=lambda c: c[:2])[2]
 
 
 def default_plan(profile: Profile, work: Workload, stage: str) -> StagePlan:
