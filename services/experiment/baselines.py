@@ -2,7 +2,7 @@
 
 | run                | share / config                 | scaling                                            |
 | ------------------ | ------------------------------ | -------------------------------------------------- |
-| static_peak        | default (1 GPU, profile config)| fixed: the peak 1-minute load / (capacity x util)  |
+| static_peak        | default (1 GPU, profile config)| fixed: the busiest minute's load / (capacity x util)|
 | static_peak_tuned  | tuned (knee share, best config)| fixed, sized the same way with the tuned capacity  |
 | static_mean        | default                        | fixed: the mean load / (capacity x util)           |
 | keda_threshold     | default                        | KEDA guide: requests waiting, AverageValue 5, HPA  |
@@ -41,13 +41,13 @@ from .config import ExperimentConfig
 RUNS = ("static_peak", "static_peak_tuned", "static_mean", "keda_threshold", "elastic", "elastic_tuned",
         "no_smoothing", "no_cooldown", "symmetric", "no_deadline", "no_tuning")
 TUNED = {"static_peak_tuned", "elastic_tuned", "no_smoothing", "no_cooldown", "symmetric", "no_deadline"}
-PEAK_BIN_S = 60.0
-START_BINS = 2
+PEAK_WINDOW_S = 60.0
+START_S = 60  # the elastic runs start sized for the busiest minute among the first two
 
 
 @dataclass(frozen=True)
 class Demand:
-    """Per-stage token demand of a workload: mean and peak over 1-minute bins (tokens/s)."""
+    """Per-stage token demand of a workload (tokens/s): the mean, and the busiest minute."""
 
     mean: dict[str, float]
     peak: dict[str, float]
@@ -56,17 +56,23 @@ class Demand:
 
 
 def demand(requests: list[Request]) -> Demand:
+    """Token demand by arrival: the peak is the busiest PEAK_WINDOW_S anywhere (sliding, 1 s steps)."""
     arrival = np.array([r.arrival_s for r in requests])
     prompt = np.array([r.prompt_tokens for r in requests], dtype=float)
     output = np.array([r.output_tokens for r in requests], dtype=float)
-    bins = np.floor(arrival / PEAK_BIN_S).astype(int)
-    span = max(float(arrival.max() - arrival.min()), PEAK_BIN_S)
+    seconds = np.floor(arrival).astype(int)
+    span = max(float(arrival.max() - arrival.min()), PEAK_WINDOW_S)
     by = {"prefill": prompt, "decode": output}
     mean = {s: float(v.sum() / span) for s, v in by.items()}
-    per_bin = {s: np.bincount(bins, weights=v) / PEAK_BIN_S for s, v in by.items()}
-    peak = {s: float(v.max()) for s, v in per_bin.items()}
-    start = {s: float(v[:START_BINS].max()) for s, v in per_bin.items()}
-    return Demand(mean, peak, start, Workload(float(prompt.mean()), float(output.mean())))
+    w = int(PEAK_WINDOW_S)
+    sliding = {}
+    for s, v in by.items():
+        per_s = np.concatenate([np.bincount(seconds, weights=v), np.zeros(w)])
+        sums = np.convolve(per_s, np.ones(w), mode="valid") / PEAK_WINDOW_S  # [t, t + w) for every t
+        sliding[s] = sums
+    peak = {s: float(v.max()) for s, v in sliding.items()}
+    start = {s: float(v[: START_S].max()) for s, v in sliding.items()}
+    return Demand(mean, peak, start, Workload(float(prompt.mean()), float(output.mean()), float((prompt**2).mean())))
 
 
 def _policy(cfg: ExperimentConfig, stage: str, capacity: Any, share: float, max_replicas: int) -> StagePolicyConfig:

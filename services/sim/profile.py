@@ -62,12 +62,6 @@ class PrefillModel:
         work = self.ms_per_token * tokens + self.ms_per_token_sq * tokens_sq + self.ms_per_seq * seqs
         return self.overhead_ms + work / share
 
-    def tokens_per_s(self, share: float, batch_tokens: int, prompt_len: int) -> float:
-        """Throughput with full micro-batches of `prompt_len`-token prompts."""
-        n = max(batch_tokens // max(prompt_len, 1), 1)
-        ms = self.batch_ms(n * prompt_len, n * prompt_len**2, n, share)
-        return n * prompt_len / ms * 1000.0
-
 
 @dataclass(frozen=True)
 class DecodeModel:
@@ -93,9 +87,6 @@ class DecodeModel:
         memory = (self.weight_ms + self.kv_ms_per_token * context_tokens) / bandwidth
         compute = self.compute_ms_per_seq * batch / share
         return self.overhead_ms + (memory + compute if self.combine == "sum" else max(memory, compute))
-
-    def tokens_per_s(self, share: float, batch: int, mean_context: float) -> float:
-        return batch / self.step_ms(batch, batch * mean_context, share) * 1000.0
 
     def kv_capacity(self, share: float) -> int:
         return int(self.kv_capacity_tokens * share)

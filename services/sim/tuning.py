@@ -29,6 +29,11 @@ class Workload:
 
     mean_prompt: float
     mean_output: float
+    mean_prompt_sq: float = 0.0  # E[prompt^2] (attention's quadratic term); 0: mean_prompt^2
+
+    @property
+    def prompt_sq(self) -> float:
+        return self.mean_prompt_sq or self.mean_prompt**2
 
     @property
     def mean_context(self) -> float:  # a decoding sequence's context, averaged over its life
@@ -50,9 +55,9 @@ def _decode_point(profile: Profile, share: float, batch: int, work: Workload) ->
 
 def _prefill_point(profile: Profile, share: float, batch_tokens: int, work: Workload) -> ProfilePoint:
     model = profile.prefill
-    length = max(int(work.mean_prompt), 1)
-    n = max(batch_tokens // length, 1)
-    ms = model.batch_ms(n * length, n * length * length, n, share)
+    length = max(work.mean_prompt, 1.0)
+    n = max(int(batch_tokens // length), 1)
+    ms = model.batch_ms(n * length, n * work.prompt_sq, n, share)
     return ProfilePoint(profile.name, "prefill", profile.device, share, {"max_batch_tokens": batch_tokens},
                         n * length / ms * 1000.0, ms, ms)
 
