@@ -107,6 +107,22 @@ def _behavior(cfg: ExperimentConfig) -> HPABehavior:
     return HPABehavior(DEFAULT_SCALE_UP, down)
 
 
+def _from_scaledobjects(folder: str, stage: str, start: int) -> StageControl:
+    """The stage's control exactly as its ScaledObject says: the trigger's metadata parsed by the
+    scaler's own parser into the policy, the ScaledObject's bounds, HPA behavior and tolerance."""
+    from services.autoscaler.scaledobject import load_dir
+    from services.scaler.metadata import parse_trigger
+
+    found = [so for so in load_dir(folder) if so.stage == stage]
+    if not found:
+        raise ValueError(f"{folder}: no ScaledObject for stage {stage}")
+    so = found[0]
+    policy = parse_trigger(so.triggers[0].metadata).policy
+    return StageControl("elastune", replicas=min(max(start, so.min_replica_count, 1), so.max_replica_count),
+                        policy=policy, min_replicas=max(so.min_replica_count, 1), max_replicas=so.max_replica_count,
+                        behavior=so.behavior, tolerance=so.tolerance)
+
+
 def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) -> SimConfig:
     """The simulator set-up of one run (see the module docstring)."""
     work = need.workload
@@ -127,6 +143,9 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
             controls[stage] = StageControl("static", replicas=count, min_replicas=count, max_replicas=count)
             continue
         start = min(max(math.ceil(need.start[stage] / (plan.tokens_per_s * util)), 1), most)
+        if run == "elastic" and cfg.sim.scaledobjects:
+            controls[stage] = _from_scaledobjects(cfg.sim.scaledobjects, stage, 1)
+            continue
         if run == "keda_threshold":
             controls[stage] = StageControl("threshold", replicas=start, threshold=5.0, max_replicas=most,
                                            behavior=HPABehavior(), tolerance=cfg.hpa.tolerance)

@@ -29,6 +29,8 @@
       drain_limit_s: 1800
       target_utilization: 0.8     # static sizing and the policy
       prefill_slo_fraction: 0.5   # a prefill micro-batch may take this share of the TTFT SLO
+      scaledobjects: ""           # e.g. k8s/local: the `elastic` run scales as these ScaledObjects
+                                  # say (trigger metadata -> policy, behavior -> HPA), as real mode
     policy: {}                    # StagePolicyConfig overrides for elastune runs (field: value)
     hpa:                          # the ScaledObject's HPA behaviour in sim runs
       tolerance: 0.1
@@ -87,6 +89,7 @@ class SimSection:
     drain_limit_s: float = 1800.0
     target_utilization: float = 0.8
     prefill_slo_fraction: float = 0.5
+    scaledobjects: str = ""  # the `elastic` run takes its policy and HPA from these ScaledObjects
 
 
 @dataclass(frozen=True)
