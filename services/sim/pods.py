@@ -86,6 +86,7 @@ class DecodePod(Pod):
     ctx_const: int = 0  # sum over running of (prompt + 1 - join step): context = ctx_const + B * steps
     joins: list = field(default_factory=list)  # heap of (ready time, request id)
     tokens_out: int = 0
+    _step: object = None  # the model's step time at this pod's share
 
     @property
     def batch(self) -> int:
@@ -144,4 +145,6 @@ class DecodePod(Pod):
 
     def retime(self) -> None:
         if self.finishing:
-            self.dt = self.model.step_ms(self.batch, self.context_tokens(), self.share) / 1000.0
+            if self._step is None:
+                self._step = self.model.stepper(self.share)
+            self.dt = self._step(len(self.finishing), self.ctx_const + len(self.finishing) * self.steps) / 1000.0

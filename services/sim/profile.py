@@ -79,14 +79,22 @@ class DecodeModel:
         if self.combine not in ("sum", "max"):
             raise ValueError(f"decode.combine must be sum or max, got {self.combine!r}")
 
-    def step_ms(self, batch: int, context_tokens: float, share: float) -> float:
-        bandwidth = _interp(self.bandwidth_by_share, share)
+    def bandwidth(self, share: float) -> float:
+        fraction = _interp(self.bandwidth_by_share, share)
         if self.shared_bandwidth:  # pods packed on one GPU split its memory bandwidth (MPS does not partition it)
-            bandwidth = min(bandwidth, share)
-        bandwidth = max(bandwidth, 1e-3)
-        memory = (self.weight_ms + self.kv_ms_per_token * context_tokens) / bandwidth
-        compute = self.compute_ms_per_seq * batch / share
-        return self.overhead_ms + (memory + compute if self.combine == "sum" else max(memory, compute))
+            fraction = min(fraction, share)
+        return max(fraction, 1e-3)
+
+    def step_ms(self, batch: int, context_tokens: float, share: float) -> float:
+        return self.stepper(share)(batch, context_tokens)
+
+    def stepper(self, share: float):
+        """step_ms at a fixed share, with the share's factors worked out once (the simulator's hot path)."""
+        per_mem, per_seq = 1.0 / self.bandwidth(share), self.compute_ms_per_seq / share
+        weight, per_kv, overhead = self.weight_ms * per_mem, self.kv_ms_per_token * per_mem, self.overhead_ms
+        if self.combine == "sum":
+            return lambda batch, context: overhead + weight + per_kv * context + per_seq * batch
+        return lambda batch, context: overhead + max(weight + per_kv * context, per_seq * batch)
 
     def kv_capacity(self, share: float) -> int:
         return int(self.kv_capacity_tokens * share)

@@ -137,7 +137,8 @@ class Simulator:
         pods = self.accepting["decode"]
         if not pods:
             return None
-        a, b = self.rng.choice(pods), self.rng.choice(pods)  # power of two choices, as the gateway
+        rnd, n = self.rng.random, len(pods)
+        a, b = pods[int(rnd() * n)], pods[int(rnd() * n)]  # power of two choices, as the gateway
         for pod in sorted((a, b), key=lambda p: p.admitted):
             if pod.has_room(kv):
                 return pod
@@ -161,7 +162,8 @@ class Simulator:
         if not pods:
             self.prefill_wait.append(rid)
             return
-        a, b = self.rng.choice(pods), self.rng.choice(pods)
+        rnd, n = self.rng.random, len(pods)
+        a, b = pods[int(rnd() * n)], pods[int(rnd() * n)]
         pod = a if a.queued_tokens <= b.queued_tokens else b
         pod.queue.append(rid)
         pod.queued_tokens += self.prompt[rid]
