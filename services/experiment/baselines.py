@@ -18,6 +18,7 @@
 | no_tuning          | default                        | elastic_tuned's policy without the table (= elastic)|
 
 "default" is an untuned deployment: one whole GPU per pod and the profile's batch limits.
+Every scaled run may grow a stage to twice its peak-sized count (MAX_OVER_PEAK), within the cluster.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ RUNS = ("static_peak", "static_peak_tuned", "static_mean", "keda_threshold", "el
         "no_smoothing", "no_cooldown", "symmetric", "no_deadline", "no_tuning")
 TUNED = {"static_peak_tuned", "elastic_tuned", "no_smoothing", "no_cooldown", "symmetric", "no_deadline"}
 PEAK_WINDOW_S = 60.0
+MAX_OVER_PEAK = 2
 START_S = 60  # the elastic runs start sized for the busiest minute among the first two
 
 
@@ -136,10 +138,14 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
     controls = {}
     for stage in STAGES:
         plan = plans[stage]
-        most = max(int(cfg.sim.gpus / plan.share + 1e-9), 1)
+        fits = max(int(cfg.sim.gpus / plan.share + 1e-9), 1)
+        at_peak = min(max(math.ceil(need.peak[stage] / (plan.tokens_per_s * util)), 1), fits)
+        # maxReplicaCount as an operator sets it from capacity planning: twice the peak-sized count,
+        # so one stage cannot take the GPUs the other stage needs (the cluster is shared).
+        most = min(MAX_OVER_PEAK * at_peak, fits)
         sized = {"static_peak": need.peak, "static_peak_tuned": need.peak, "static_mean": need.mean}.get(run)
         if sized is not None:
-            count = min(max(math.ceil(sized[stage] / (plan.tokens_per_s * util)), 1), most)
+            count = min(max(math.ceil(sized[stage] / (plan.tokens_per_s * util)), 1), fits)
             controls[stage] = StageControl("static", replicas=count, min_replicas=count, max_replicas=count)
             continue
         start = min(max(math.ceil(need.start[stage] / (plan.tokens_per_s * util)), 1), most)
