@@ -28,7 +28,7 @@ GOAL = 0.20
 
 def config(mode: str, rate: float, duration: float, seed: int, profile: str) -> dict:
     return {
-        "name": f"validate-{mode}-{rate:g}", "seed": seed, "mode": mode, "runs": ["elastic"],
+        "name": f"validate-{mode}-{rate:g}".replace(".", "_"), "seed": seed, "mode": mode, "runs": ["elastic"],
         "workload": {"kind": "poisson", "rate": rate, "duration_s": duration, "prompt_median": 48,
                      "output_median": 48, "max_context": 512, "max_output": 96},
         "slo": {"ttft_s": 1.0, "tpot_s": 0.1},
