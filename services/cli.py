@@ -113,6 +113,21 @@ def _protos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    from .experiment.config import ConfigError
+    from .experiment.runner import run_experiment, write_report
+
+    try:
+        if args.experiment_command == "run":
+            run_experiment(args.config, args.out)
+        else:
+            print(write_report(args.dir))
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"elastune: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elastune", description="Elastic, self-tuning LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     drain.add_argument("--address", required=True, help="the worker's gRPC address, e.g. 127.0.0.1:50052")
     drain.add_argument("--grace", type=float, default=0.0, help="seconds the worker may take (0: its drain_grace_s)")
     drain.set_defaults(func=_drain)
+
+    experiment = sub.add_parser("experiment", help="run experiments (simulated or on the local stack) and report them")
+    experiment_sub = experiment.add_subparsers(dest="experiment_command", required=True)
+    run = experiment_sub.add_parser("run", help="run every run of CONFIG.yaml into a results folder")
+    run.add_argument("config", help="experiment YAML (see services/experiment/config.py and experiments/)")
+    run.add_argument("--out", default="results/experiments", help="parent folder of the results folder")
+    run.set_defaults(func=_experiment)
+    rep = experiment_sub.add_parser("report", help="re-make report.md and the figures of a results folder")
+    rep.add_argument("dir", help="a results folder written by `experiment run`")
+    rep.set_defaults(func=_experiment)
 
     protos = sub.add_parser("protos", help="regenerate the gRPC stubs from protos/")
     protos.set_defaults(func=_protos)

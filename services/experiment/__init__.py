@@ -1,0 +1,1 @@
+"""Experiments: workloads, baselines and ablations, runs in the simulator or on the local stack, reports."""

@@ -1,0 +1,146 @@
+"""Service-time models of one model on one device kind, fitted from profiles. Pure.
+
+Profile JSON (one object; times in ms, shares in (0, 1]):
+
+    {
+      "name": "tiny-cpu",                 # what the profile is of
+      "source": "measured: ...",          # how it was obtained (measured, or derived and from what)
+      "device": "cpu" | "H100" | ...,
+      "prefill": {
+        "overhead_ms", "ms_per_token", "ms_per_token_sq", "ms_per_seq",
+        "max_batch_tokens", "max_batch_size"          # the default micro-batch limits
+      },
+      "decode": {
+        "combine": "sum" | "max",          # how the memory and compute terms of a step combine
+        "overhead_ms", "weight_ms", "kv_ms_per_token", "compute_ms_per_seq",
+        "bandwidth_by_share": [[share, fraction of full memory bandwidth], ...],
+        "max_batch_size", "kv_capacity_tokens",       # per pod at share 1
+        "shared_bandwidth": true            # co-located pods split bandwidth: fraction = min(curve, share)
+      },
+      "kv_transfer_ms_per_token": float,  # prefill -> decode KV hand-off
+      "cold_start_s": {"prefill": s, "decode": s}     # scheduled -> serving
+    }
+
+Prefill of a micro-batch of prompts t_1..t_n at share s (compute-bound, slows in proportion):
+    overhead + (ms_per_token * sum(t) + ms_per_token_sq * sum(t^2) + ms_per_seq * n) / s
+Decode step of B sequences holding C context tokens in all, at share s (a roofline):
+    memory = (weight_ms + kv_ms_per_token * C) / bandwidth(s); compute = compute_ms_per_seq * B / s
+    bandwidth(s) is the measured single-pod curve; with shared_bandwidth (the default, and what MPS
+    gives) it is capped at s, since the pods packed beside it use the rest of the memory bandwidth.
+    step = overhead + (memory + compute  if combine == "sum"  else  max(memory, compute))
+KV capacity and the batch limit scale with the share (MIG-like partitioning of memory).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise-linear through sorted (x, y) points, flat outside them."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+@dataclass(frozen=True)
+class PrefillModel:
+    overhead_ms: float
+    ms_per_token: float
+    ms_per_token_sq: float = 0.0
+    ms_per_seq: float = 0.0
+    max_batch_tokens: int = 4096
+    max_batch_size: int = 16
+
+    def batch_ms(self, tokens: int, tokens_sq: float, seqs: int, share: float) -> float:
+        work = self.ms_per_token * tokens + self.ms_per_token_sq * tokens_sq + self.ms_per_seq * seqs
+        return self.overhead_ms + work / share
+
+
+@dataclass(frozen=True)
+class DecodeModel:
+    weight_ms: float
+    kv_ms_per_token: float
+    compute_ms_per_seq: float
+    overhead_ms: float = 0.0
+    combine: str = "max"
+    bandwidth_by_share: tuple[tuple[float, float], ...] = ((0.0, 0.0), (1.0, 1.0))
+    max_batch_size: int = 64
+    kv_capacity_tokens: int = 131072
+    shared_bandwidth: bool = True
+
+    def __post_init__(self) -> None:
+        if self.combine not in ("sum", "max"):
+            raise ValueError(f"decode.combine must be sum or max, got {self.combine!r}")
+
+    def bandwidth(self, share: float) -> float:
+        fraction = _interp(self.bandwidth_by_share, share)
+        if self.shared_bandwidth:  # pods packed on one GPU split its memory bandwidth (MPS does not partition it)
+            fraction = min(fraction, share)
+        return max(fraction, 1e-3)
+
+    def step_ms(self, batch: int, context_tokens: float, share: float) -> float:
+        return self.stepper(share)(batch, context_tokens)
+
+    def stepper(self, share: float):
+        """step_ms at a fixed share, with the share's factors worked out once (the simulator's hot path)."""
+        per_mem, per_seq = 1.0 / self.bandwidth(share), self.compute_ms_per_seq / share
+        weight, per_kv, overhead = self.weight_ms * per_mem, self.kv_ms_per_token * per_mem, self.overhead_ms
+        if self.combine == "sum":
+            return lambda batch, context: overhead + weight + per_kv * context + per_seq * batch
+        return lambda batch, context: overhead + max(weight + per_kv * context, per_seq * batch)
+
+    def kv_capacity(self, share: float) -> int:
+        return int(self.kv_capacity_tokens * share)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    source: str
+    device: str
+    prefill: PrefillModel
+    decode: DecodeModel
+    kv_transfer_ms_per_token: float = 0.0
+    cold_start_s: dict[str, float] = field(default_factory=lambda: {"prefill": 30.0, "decode": 30.0})
+
+    def cold_start(self, stage: str) -> float:
+        return float(self.cold_start_s.get(stage, 0.0))
+
+
+def profile_from_dict(data: dict[str, Any]) -> Profile:
+    """A Profile from its JSON object; unknown keys (samples, fit, machine) are kept out."""
+    try:
+        pre, dec = data["prefill"], data["decode"]
+        prefill = PrefillModel(
+            overhead_ms=float(pre["overhead_ms"]), ms_per_token=float(pre["ms_per_token"]),
+            ms_per_token_sq=float(pre.get("ms_per_token_sq", 0.0)), ms_per_seq=float(pre.get("ms_per_seq", 0.0)),
+            max_batch_tokens=int(pre.get("max_batch_tokens", 4096)), max_batch_size=int(pre.get("max_batch_size", 16)),
+        )
+        decode = DecodeModel(
+            weight_ms=float(dec["weight_ms"]), kv_ms_per_token=float(dec["kv_ms_per_token"]),
+            compute_ms_per_seq=float(dec["compute_ms_per_seq"]), overhead_ms=float(dec.get("overhead_ms", 0.0)),
+            combine=str(dec.get("combine", "max")),
+            bandwidth_by_share=tuple((float(s), float(b)) for s, b in dec.get("bandwidth_by_share", [[0, 0], [1, 1]])),
+            max_batch_size=int(dec.get("max_batch_size", 64)),
+            kv_capacity_tokens=int(dec.get("kv_capacity_tokens", 131072)),
+            shared_bandwidth=bool(dec.get("shared_bandwidth", True)),
+        )
+        return Profile(
+            name=str(data["name"]), source=str(data.get("source", "")), device=str(data.get("device", "")),
+            prefill=prefill, decode=decode,
+            kv_transfer_ms_per_token=float(data.get("kv_transfer_ms_per_token", 0.0)),
+            cold_start_s={str(k): float(v) for k, v in data.get("cold_start_s", {}).items()},
+        )
+    except KeyError as exc:
+        raise ValueError(f"profile {data.get('name', '?')!r} lacks {exc.args[0]!r}") from exc
+
+
+def load_profile(path: str | Path) -> Profile:
+    return profile_from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,97 @@
+"""Metrics on hand-made RunData: percentiles, SLO attainment, goodput, GPU cost, reversals, convergence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.experiment.metrics import (
+    Slo,
+    attainment_over_time,
+    convergence,
+    percentiles,
+    reversals,
+    summarize,
+    worst_window,
+)
+from services.sim.result import RunData, ScaleChange, StageSample
+
+
+def _data() -> RunData:
+    d = RunData()
+    # 4 requests: two meet the SLO (TTFT <= 1 s, TPOT <= 0.1 s), one is slow to start, one timed out
+    rows = [(0.0, "ok", 0.5, 2.5, 0.05), (10.0, "ok", 0.8, 1.8, 0.1), (70.0, "ok", 3.0, 4.0, 0.01),
+            (80.0, "timeout", None, None, None)]
+    for arrival, status, ttft, e2e, tpot in rows:
+        d.arrival_s.append(arrival)
+        d.prompt_tokens.append(100)
+        d.output_tokens.append(11)
+        d.status.append(status)
+        d.ttft_s.append(ttft)
+        d.e2e_s.append(e2e)
+        d.tpot_s.append(tpot)
+        d.queue_s.append(None if ttft is None else ttft / 2)
+        d.prefill_s.append(None if ttft is None else ttft / 2)
+    d.itl_values, d.itl_weights = [0.01, 0.05, 0.2], [98, 1, 1]
+    d.duration_s, d.share_seconds, d.gpu_seconds_occupied = 100.0, 300.0, 400.0
+    return d
+
+
+def test_attainment_goodput_and_gpu_cost():
+    s = summarize(_data(), Slo(ttft_s=1.0, tpot_s=0.1))
+    assert s["requests"] == 4 and s["completed"] == 3 and s["failed"] == 1
+    assert s["slo_attainment"] == pytest.approx(0.5)
+    assert s["gpu_seconds_per_request"] == pytest.approx(100.0)  # 300 GPU-s over 3 completed
+    assert s["mean_gpus"] == pytest.approx(3.0)
+    span = 80.0  # from the first arrival to the last event: the timed-out request arrived at 80 s
+    assert s["span_s"] == pytest.approx(span)  # (the last completion, 70 + 4, is earlier)
+    assert s["goodput_rps_per_gpu"] == pytest.approx(2 / span / 3.0)
+    assert s["tokens_per_s"] == pytest.approx(33 / span)
+    assert s["ttft_p50_ms"] == pytest.approx(800.0)
+
+
+def test_weighted_percentiles():
+    out = percentiles(np.array([0.01, 0.05, 0.2]), np.array([98.0, 1.0, 1.0]))
+    assert out["p50_ms"] == pytest.approx(10.0)
+    assert out["p99_ms"] == pytest.approx(50.0)
+    assert percentiles(np.array([]))["p95_ms"] is None
+
+
+def test_attainment_over_time_bins_by_arrival():
+    rows = attainment_over_time(_data(), Slo(1.0, 0.1), bin_s=60.0)
+    assert rows == [(0.0, 1.0, 2), (60.0, 0.0, 2)]
+
+
+def _changes(*pairs: tuple[float, int, int]) -> RunData:
+    d = RunData()
+    d.changes = [ScaleChange(t, "decode", a, b) for t, a, b in pairs]
+    return d
+
+
+def test_reversals_count_direction_changes_only():
+    d = _changes((0, 1, 2), (10, 2, 4), (20, 4, 3), (30, 3, 2), (700, 2, 5), (800, 5, 4))
+    d.changes.append(ScaleChange(15, "prefill", 1, 0))  # another stage does not count
+    count, times = reversals(d, "decode")
+    assert count == 3 and times == [20, 700, 800]
+    assert worst_window(times) == 2  # 700 and 800 lie within 10 minutes; 20 does not join them
+    assert worst_window([0, 100, 200, 599.9]) == 4
+
+
+def test_convergence_after_a_load_step():
+    d = RunData()
+    for t, target in [(0, 2), (10, 2), (20, 4), (30, 6), (40, 5), (50, 6), (60, 6), (70, 6)]:
+        d.timeline.append(StageSample(t, "decode", target, 0, 0, 0, target, 1.0, 0.0, 0))
+    assert convergence(d, "decode", 10.0, 70.0) == pytest.approx(40.0)  # settles on 6 at 50 s
+    assert convergence(d, "prefill", 10.0, 70.0) is None
+
+
+def test_summary_reports_per_stage_replicas_and_reversals():
+    d = _data()
+    d.timeline = [StageSample(t, "decode", r, 1, 0, 0, r + 1, r + 1.0, 0.0, 0) for t, r in [(0, 1), (50, 3)]]
+    d.changes = [ScaleChange(0, "decode", 1, 2), ScaleChange(50, "decode", 2, 1)]
+    s = summarize(d, Slo(1.0, 0.1), load_steps=[0.0])
+    dec = s["stages"]["decode"]
+    assert dec["mean_replicas"] == pytest.approx(3.0)  # ready + starting: 2 then 4
+    assert dec["reversals"] == 1 and dec["scale_events"] == 2
+    assert dec["reversals_per_10min"] == pytest.approx(1 / (100 / 600))
+    assert dec["convergence_s"] == [50.0]
