@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common.config import from_env
+from services.tuner.config import TunerConfig
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 COMPOSE = REPO / "docker" / "compose.yaml"
@@ -215,8 +218,11 @@ def test_worker_pods_run_the_tuner_sidecar_at_the_workers_share(overlay: str) ->
         assert {"configMapRef": {"name": "elastune-config"}} in tuner["envFrom"]  # the store: the tuning table
         w_env = {e["name"]: e.get("value") for e in worker["env"]}
         t_env = {e["name"]: e.get("value") for e in tuner["env"]}
-        for key in ("ELASTUNE_GPU_SHARE", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"):
-            assert t_env.get(key) == w_env.get(key), (name, key)
+        assert t_env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") == w_env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"), name
+        # the sidecar's own config (services/tuner/config.py) sees the worker's share and address
+        tuner_config = from_env(TunerConfig, {k: v for k, v in t_env.items() if v is not None})
+        assert tuner_config.share == float(w_env["ELASTUNE_GPU_SHARE"]), name
+        assert tuner_config.worker == f"127.0.0.1:{PORTS[name]}" and tuner_config.metrics_port > 0
         assert _gpu_resources(tuner.get("resources", {})) == {}  # it tunes the worker, it computes nothing
         assert tuner["securityContext"]["readOnlyRootFilesystem"] is True
 
