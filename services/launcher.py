@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -338,8 +339,32 @@ def expert_groups(model_dir: str, requested: int) -> list[str]:
     return [f"g{i}" for i in range(count)]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port that is free now and that the OS will not hand out on its own later.
+
+    The port is given to a process that binds it seconds from now. A port from the ephemeral
+    range (what binding port 0 returns) may be taken meanwhile by any socket bound to port 0 or
+    any outgoing connection (other workers start in between), so pick below that range.
+    """
+    low, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded host: fall back to what the OS offers
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

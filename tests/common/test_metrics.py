@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from services.experts.metrics import ExpertsMetrics
 from services.gateway.metrics import GatewayMetrics
+from services.launcher import free_port
 from services.scaler.metrics import ScalerMetrics
 from services.tuner.metrics import TunerMetrics
 from tests.stack import start_stack
@@ -56,12 +56,6 @@ def exported_names(registry: CollectorRegistry) -> set[str]:
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}.get(family.type, ("",))
         names.update(family.name + s for s in suffixes)
     return names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def test_each_service_exports_its_metrics(store_url, tiny_model):

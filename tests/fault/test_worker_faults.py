@@ -108,6 +108,18 @@ def test_prefill_worker_killed_with_queued_prompts(up, store):
     assert len(stream_tokens(c, prompt(200, 30))) == 64
 
 
+def busy_worker(store, stage: str, at_least: int = 2):
+    """Whichever worker of the stage first runs `at_least` sequences of the streams just sent
+    (routing decides where they go, so the victim is picked by its load, not in advance)."""
+    deadline = time.monotonic() + 20
+    while True:
+        for w in workers(store, stage):
+            if admin(w.address).GetLoad(pb.Empty(), timeout=5).running_seqs >= at_least:
+                return w
+        assert time.monotonic() < deadline, f"no {stage} worker ran {at_least} sequences at once"
+        time.sleep(0.01)
+
+
 def test_decode_worker_frozen_mid_stream(up, store):
     """SIGSTOP: no RST, as when a node vanishes. Keepalive pings find the silent worker (services/common/
     server.py), the gateway resumes its streams elsewhere; once thawed, the worker registers again."""
@@ -115,12 +127,8 @@ def test_decode_worker_frozen_mid_stream(up, store):
     texts = [prompt(500 + i, i % 3) for i in range(6)]
     with ThreadPoolExecutor(len(texts)) as pool:
         expected = list(pool.map(lambda t: stream_tokens(c, t, 200), texts))
-        victim = workers(store, "decode")[0]
         running = [pool.submit(stream_tokens, c, t, 200) for t in texts]
-        deadline = time.monotonic() + 20
-        while admin(victim.address).GetLoad(pb.Empty(), timeout=5).running_seqs < 2:
-            assert time.monotonic() < deadline, "no sequence running on the decode worker"
-            time.sleep(0.01)
+        victim = busy_worker(store, "decode")
         os.kill(pid_of(victim.worker_id), signal.SIGSTOP)
         try:
             frozen_at = time.monotonic()
@@ -140,12 +148,8 @@ def test_decode_worker_killed_mid_stream(up, store):
     texts = [prompt(300 + i, i % 3) for i in range(8)]
     with ThreadPoolExecutor(len(texts)) as pool:
         expected = list(pool.map(lambda t: stream_tokens(c, t, 200), texts))
-        victim = workers(store, "decode")[0]
         running = [pool.submit(stream_tokens, c, t, 200) for t in texts]
-        deadline = time.monotonic() + 20
-        while admin(victim.address).GetLoad(pb.Empty(), timeout=5).running_seqs < 2:
-            assert time.monotonic() < deadline, "no sequence running on the decode worker"
-            time.sleep(0.01)
+        victim = busy_worker(store, "decode")
         os.kill(pid_of(victim.worker_id), signal.SIGKILL)
         got = [f.result(timeout=90) for f in running]
     assert got == expected  # resumed elsewhere from prompt + tokens so far: nothing lost or repeated

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from services.autoscaler.hpa import HPA, KedaScaledObjectState, MetricTarget, me
 from services.common import keys
 from services.common.load_report import LoadReport
 from services.common.registry import WorkerRegistration
+from services.launcher import free_port
 from services.proto import externalscaler_pb2 as pb
 from services.proto import externalscaler_pb2_grpc as pb_grpc
 from services.scaler.config import ScalerConfig
@@ -247,9 +247,7 @@ async def test_keda_reads_raw_mode_as_expected(store_url, store, prefix) -> None
 
 
 async def test_metrics_are_served_over_http(store_url, store, prefix) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     async with serving(store_url, metrics_port=port, metrics_host="127.0.0.1") as (_, stub):
         await publish(store, prefix, report("d1", "decode", output_tokens_per_s=1200.0))
         assert (await value_of(stub, ref(prefix, stage="decode"))).metricValue == 2
