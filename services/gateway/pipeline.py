@@ -173,6 +173,8 @@ class Pipeline:
                     break
                 attempts += 1
                 decode = self._pick("decode", tried)
+                if decode is None:  # only suspects left (e.g. one that just recovered): better than failing
+                    decode = pick(self.workers["decode"], self.open_requests, tried)
                 if decode is None and not tried:
                     decode = await self._wait_for_decode(deadline)
                 if decode is None:
