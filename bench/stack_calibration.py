@@ -12,7 +12,9 @@ token (two phases, two unknowns). With one request in flight nothing queues, so
     request_overhead_ms = median(TTFT - profile prefill(prompt) - KV hand-off(prompt))
     step_overhead_ms    = median(time per output token - profile decode step(1, context))
 are what the gateway, the gRPC hops, admission and the serving loops add to the model's time.
-host_cores is the machine's CPU count: every process of the local stack shares it.
+host_cores is the machine's CPU count: every process of the local stack shares it. When the
+stack first serves, each worker's age and CPU time give the cold start (written to the profile's
+cold_start_s) and the CPU a starting worker burns (starting_cpu: imports and model load).
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
 
 
+def _age_s(pid: int) -> float:
+    """Seconds since the process started (stat field 22, in ticks after boot)."""
+    start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) / TICK
+    boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                if line.startswith("btime"))
+    return time.time() - boot - start
+
+
+def worker_starts() -> list[dict]:
+    """Each worker's start, read the moment the stack first serves: wall seconds since its process
+    began (an upper bound on its cold start) and the CPU it burnt meanwhile."""
+    out = []
+    for pid in _children(os.getpid()):
+        if _is_worker(pid):
+            out.append({"wall_s": _age_s(pid), "cpu_s": _cpu_s(pid)})
+    return out
+
+
 def _is_worker(pid: int) -> bool:
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -115,6 +135,7 @@ async def _serve_ready(base_url: str, proc: subprocess.Popen, timeout_s: float =
 
 async def measure(base_url: str, proc: subprocess.Popen, profile, vocab: int, idle_s: float = 8.0) -> dict:
     await _serve_ready(base_url, proc)
+    starts = worker_starts()
     model = await loadgen.discover_model(base_url)
     await _phase(base_url, model, 8, 6, 0.5, vocab)  # warm-up: first requests pay lazy set-up
     before, wall = cpu_split(), time.perf_counter()
@@ -138,7 +159,10 @@ async def measure(base_url: str, proc: subprocess.Popen, profile, vocab: int, id
                 tpot = (r.e2e_s - r.ttft_s) / (r.tokens_received - 1) * 1000
                 step_extra.append(tpot - profile.decode.step_ms(1, r.prompt_tokens + r.tokens_received / 2, 1.0))
     worker_cpu = {name: worker / wall for name, (_, _, worker, wall) in runs.items()}
+    start_wall = statistics.mean(w["wall_s"] for w in starts)
     return {
+        "starting_cpu": min(sum(w["cpu_s"] for w in starts) / sum(w["wall_s"] for w in starts), 1.0),
+        "cold_start_s": start_wall,
         "host_cores": os.cpu_count() or 1,
         "request_overhead_ms": max(statistics.median(ttft_extra), 0.0),
         "step_overhead_ms": max(statistics.median(step_extra), 0.0),
@@ -151,6 +175,7 @@ async def measure(base_url: str, proc: subprocess.Popen, profile, vocab: int, id
             "phases": {name: {"requests": n, "tokens": k, "other_cpu_s_less_idle": c}
                        for name, (n, k, c) in zip(PHASES, rows)},
             "worker_cores": worker_cpu,
+            "worker_starts": starts,
             "loadavg_1m": os.getloadavg()[0],
         },
     }
@@ -177,6 +202,9 @@ def calibrate(path: Path, vocab: int = 4096) -> dict:
         store.stop()
     stack["source"] = (f"measured: bench/profile_tiny.py --stack on {machine()['host']} ({machine()['cpus']} CPUs), "
                        f"commit {commit()}")
+    # the workers' measured start (process launch -> the stack serves) is the profile's cold start
+    cold = stack.pop("cold_start_s")
+    data["cold_start_s"] = {"prefill": round(cold, 1), "decode": round(cold, 1)}
     data["stack"] = stack
     path.write_text(json.dumps(data, indent=2) + "\n")
     m = stack["measured"]
@@ -186,6 +214,7 @@ def calibrate(path: Path, vocab: int = 4096) -> dict:
           f"max {m['step_extra_ms']['max']:.2f})")
     print(f"host: {stack['host_cores']} cores; background {stack['background_cores']:.3f} cores idle + "
           f"{stack['cpu_ms_per_request']:.1f} ms CPU/request + {stack['cpu_ms_per_token']:.3f} ms CPU/output token")
+    print(f"worker start {cold:.1f} s (cold_start_s), burning {stack['starting_cpu']:.2f} cores while it starts")
     print(f"worker cores busy: {m['worker_cores']}; load average {m['loadavg_1m']:.2f}")
     print(f"wrote the stack block of {path}")
     return stack

@@ -26,7 +26,8 @@ Profile JSON (one object; times in ms, shares in (0, 1]):
         "host_cores",                     # > 0: every pod runs on ONE host of this many cores (a local
                                           # stack); 0: each pod has its own device share (a cluster)
         "background_cores",               # CPU the host's other processes burn with no requests
-        "cpu_ms_per_request", "cpu_ms_per_token"      # CPU they burn per request and per output token
+        "cpu_ms_per_request", "cpu_ms_per_token",     # CPU they burn per request and per output token
+        "starting_cpu"                    # cores a cold-starting pod burns (imports, model load)
       }
     }
 
@@ -41,8 +42,9 @@ KV capacity and the batch limit scale with the share (MIG-like partitioning of m
 
 Host sharing (stack.host_cores > 0: the local stack, where gateway, workers and load client share
 a few cores): the host is processor-shared. Its CPU demand is the shares of the pods busy at that
-moment plus the background (idle cores + per-request and per-token CPU at the current rates);
-beyond host_cores every busy process slows by demand / host_cores. The simulator applies the
+moment, starting_cpu for each pod cold-starting on the host, and the background (idle cores +
+per-request and per-token CPU at the current rates); beyond host_cores every busy process slows
+by demand / host_cores (a cold start itself is not stretched). The simulator applies the
 slowdown when a prefill micro-batch starts and when a decode pod's step time is set (at each of
 its events): a batch keeps the speed it started with. A profile without a stack block (the H100
 one) has no overheads and no sharing.
@@ -127,10 +129,11 @@ class StackModel:
     background_cores: float = 0.0
     cpu_ms_per_request: float = 0.0
     cpu_ms_per_token: float = 0.0
+    starting_cpu: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("request_overhead_ms", "step_overhead_ms", "host_cores", "background_cores",
-                     "cpu_ms_per_request", "cpu_ms_per_token"):
+                     "cpu_ms_per_request", "cpu_ms_per_token", "starting_cpu"):
             if getattr(self, name) < 0:
                 raise ValueError(f"stack.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -198,7 +201,7 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
 def _stack(data: dict[str, Any]) -> StackModel:
     """The stack block: the named numbers only (its source and raw measurements stay in the JSON)."""
     names = ("request_overhead_ms", "step_overhead_ms", "host_cores", "background_cores",
-             "cpu_ms_per_request", "cpu_ms_per_token")
+             "cpu_ms_per_request", "cpu_ms_per_token", "starting_cpu")
     return StackModel(**{name: float(data[name]) for name in names if name in data})
 
 

@@ -139,13 +139,17 @@ class Simulator:
         """The host's contention factor for `pod`, which is busy from now (1 without a shared host)."""
         if not self.shared_host:
             return 1.0
-        busy = pod.share
+        busy, starting = pod.share, self.stack.starting_cpu
         for p in self.pods["prefill"]:
             if p is not pod and p.running:
                 busy += p.share
+            elif starting and p.state == STARTING and p.gpu is not None:
+                busy += starting * p.share
         for p in self.pods["decode"]:
             if p is not pod and p.finishing:
                 busy += p.share
+            elif starting and p.state == STARTING and p.gpu is not None:
+                busy += starting * p.share
         background = self.stack.background(self.requests_in.rate(now), self.tokens_out.rate(now))
         return self.stack.slowdown(busy, background)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.sim.profile import DecodeModel, PrefillModel, Profile, StackModel, load_profile, profile_from_dict
-from services.sim.simulator import SimConfig, simulate
+from services.sim.simulator import SimConfig, Simulator, simulate
 
 from .test_simulator import plans, static
 
@@ -89,3 +89,14 @@ def test_background_cpu_slows_prefill_and_decode_alike():
     assert data.ttft_s == pytest.approx([0.015])  # (1 + 0.5) / 1 core
     assert data.e2e_s == pytest.approx([0.015 + 10 * 0.015])
 
+
+
+def test_a_cold_starting_pod_burns_host_cpu():
+    stack = StackModel(host_cores=1.0, starting_cpu=1.0)
+    sim = Simulator(SimConfig(stacked(stack), static(), plans(), gpus=4), [], [], [])
+    sim.run()  # places the warm pods (1 prefill, 1 decode), both idle
+    (prefill,) = sim.pods["prefill"]
+    assert sim._slowdown(prefill, 0.0) == 1.0  # alone on the core
+    starting = sim._add_pod("decode", 0.0)  # cold start: placed, not ready
+    assert starting.state == "starting" and starting.gpu is not None
+    assert sim._slowdown(prefill, 0.0) == pytest.approx(2.0)  # shares the core with the start-up
