@@ -5,7 +5,18 @@ decode steps over a grid of batch sizes and contexts, prefill over prompt length
 sizes; fits the profile's linear service-time models by least squares and writes the profile
 JSON with the fit's residuals, the raw samples, the machine and the commit.
 
+With --stack it instead calibrates the profile's `stack` block on the real local stack
+(`elastune up --autoscale`, 1 prefill + 1 decode worker, k8s/local), keeping the model fit:
+requests are sent one at a time (spaced so none overlaps), so the difference between a
+request's end-to-end TTFT and the profile's prefill time is what the stack adds per request,
+and the difference between its time per output token and the profile's decode step is what the
+serving loop adds per step. The CPU time of every process that is not a worker (gateway,
+launcher and autoscaler, store, this load client) is read from /proc while idle and during two
+phases with short and long outputs, giving the host's background load per second, per request
+and per output token. See bench/stack_calibration.py.
+
     python bench/profile_tiny.py --out experiments/profiles/tiny-cpu.json
+    python bench/profile_tiny.py --stack --out experiments/profiles/tiny-cpu.json
 """
 
 from __future__ import annotations
@@ -81,7 +92,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="experiments/profiles/tiny-cpu.json")
     ap.add_argument("--iters", type=int, default=9)
+    ap.add_argument("--stack", action="store_true", help="calibrate the stack block of the existing profile")
     args = ap.parse_args()
+    if args.stack:
+        from bench.stack_calibration import calibrate
+
+        calibrate(Path(args.out))
+        return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build("tiny", torch.device("cpu"), torch.float32)

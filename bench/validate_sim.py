@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +61,14 @@ def main() -> None:
         for mode in ("real", "sim"):
             path = results / f"{mode}-{rate:g}.yaml"
             path.write_text(yaml.safe_dump(config(mode, rate, args.duration, args.seed, args.profile)))
+            if mode == "real":
+                load_before = os.getloadavg()[0]
             folders[mode] = run_experiment(path, results)
             got[mode] = figures(folders[mode])
-        row = {"rate": rate, "real": got["real"], "sim": got["sim"], "folders": {k: str(v) for k, v in folders.items()}}
+            if mode == "real":  # the 1-minute load average: how busy the box was (the stack included)
+                loadavg = {"before": load_before, "after": os.getloadavg()[0]}
+        row = {"rate": rate, "real": got["real"], "sim": got["sim"], "folders": {k: str(v) for k, v in folders.items()},
+               "loadavg_1m": loadavg}
         for key in ("ttft_p95_ms", "prefill_mean_replicas", "decode_mean_replicas"):
             real, sim = got["real"][key], got["sim"][key]
             row[f"{key}_rel_diff"] = abs(sim - real) / real if real else None
@@ -80,7 +86,8 @@ def main() -> None:
         print(f"{r['rate']:>6g} {r['real']['ttft_p95_ms']:>14.0f} {r['sim']['ttft_p95_ms']:>8.0f} {d('ttft_p95_ms'):>6} "
               f"{r['real']['prefill_mean_replicas']:>13.2f} {r['sim']['prefill_mean_replicas']:>6.2f} "
               f"{d('prefill_mean_replicas'):>6} {r['real']['decode_mean_replicas']:>12.2f} "
-              f"{r['sim']['decode_mean_replicas']:>6.2f} {d('decode_mean_replicas'):>6}")
+              f"{r['sim']['decode_mean_replicas']:>6.2f} {d('decode_mean_replicas'):>6}   "
+              f"load {r['loadavg_1m']['before']:.1f} -> {r['loadavg_1m']['after']:.1f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"validate_sim-{result['commit']}.json"

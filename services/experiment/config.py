@@ -31,6 +31,8 @@
       prefill_slo_fraction: 0.5   # a prefill micro-batch may take this share of the TTFT SLO
       scaledobjects: ""           # e.g. k8s/local: the `elastic` run scales as these ScaledObjects
                                   # say (trigger metadata -> policy, behavior -> HPA), as real mode
+      shared_host: true           # false: drop the profile's shared host (stack.host_cores): each pod
+                                  # gets its own device share, e.g. the tiny CPU profile as a cluster
     policy: {}                    # StagePolicyConfig overrides for elastune runs (field: value)
     hpa:                          # the ScaledObject's HPA behaviour in sim runs
       tolerance: 0.1
@@ -90,6 +92,7 @@ class SimSection:
     target_utilization: float = 0.8
     prefill_slo_fraction: float = 0.5
     scaledobjects: str = ""  # the `elastic` run takes its policy and HPA from these ScaledObjects
+    shared_host: bool = True  # false: ignore the profile's stack.host_cores (pods on their own devices)
 
 
 @dataclass(frozen=True)

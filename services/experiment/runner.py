@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def run_experiment(config_path: str | Path, out: str | Path = DEFAULT_OUT,
         from services.sim.simulator import simulate
 
         profile = load_profile(cfg.sim.profile)
+        if not cfg.sim.shared_host:  # a cluster of such devices, not the one host the profile was calibrated on
+            profile = replace(profile, stack=replace(profile.stack, host_cores=0.0))
         need = demand(requests)
         meta["profile"] = {"name": profile.name, "device": profile.device, "source": profile.source,
                            "path": cfg.sim.profile}

@@ -50,8 +50,9 @@ class PrefillPod(Pod):
     def idle(self) -> bool:
         return not self.running and not self.queue
 
-    def start_batch(self, now: float, prompt: list[int]) -> float | None:
-        """Take a micro-batch off the queue if idle; returns when it ends (None: nothing to do)."""
+    def start_batch(self, now: float, prompt: list[int], slow: float = 1.0) -> float | None:
+        """Take a micro-batch off the queue if idle; returns when it ends (None: nothing to do).
+        `slow` stretches the batch (CPU contention on a shared host)."""
         if self.running or not self.queue:
             return None
         tokens = tokens_sq = 0
@@ -64,7 +65,7 @@ class PrefillPod(Pod):
             tokens += length
             tokens_sq += length * length
         self.queued_tokens -= tokens
-        self.busy_until = now + self.model.batch_ms(tokens, tokens_sq, len(self.running), self.share) / 1000.0
+        self.busy_until = now + self.model.batch_ms(tokens, tokens_sq, len(self.running), self.share) * slow / 1000.0
         return self.busy_until
 
     def finish_batch(self) -> list[int]:
@@ -143,8 +144,9 @@ class DecodePod(Pod):
     def leave(self, prompt_tokens: int, join_step: int) -> None:
         self.ctx_const -= prompt_tokens + 1 - join_step
 
-    def retime(self) -> None:
+    def retime(self, slow: float = 1.0) -> None:
+        """Set the segment's step time for the current batch; `slow` stretches it (host contention)."""
         if self.finishing:
             if self._step is None:
                 self._step = self.model.stepper(self.share)
-            self.dt = self._step(len(self.finishing), self.ctx_const + len(self.finishing) * self.steps) / 1000.0
+            self.dt = self._step(len(self.finishing), self.ctx_const + len(self.finishing) * self.steps) * slow / 1000.0

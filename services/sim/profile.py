@@ -18,7 +18,17 @@ Profile JSON (one object; times in ms, shares in (0, 1]):
         "shared_bandwidth": true            # co-located pods split bandwidth: fraction = min(curve, share)
       },
       "kv_transfer_ms_per_token": float,  # prefill -> decode KV hand-off
-      "cold_start_s": {"prefill": s, "decode": s}     # scheduled -> serving
+      "cold_start_s": {"prefill": s, "decode": s},    # scheduled -> serving
+      "stack": {                          # optional: what the serving stack adds on its host (all default 0)
+        "request_overhead_ms",            # per request, on the way to its first token, beyond the model's
+                                          # prefill and the KV hand-off: gateway, gRPC hops, admission
+        "step_overhead_ms",               # per decode step beyond the model's step: the serving loop
+        "host_cores",                     # > 0: every pod runs on ONE host of this many cores (a local
+                                          # stack); 0: each pod has its own device share (a cluster)
+        "background_cores",               # CPU the host's other processes burn with no requests
+        "cpu_ms_per_request", "cpu_ms_per_token",     # CPU they burn per request and per output token
+        "starting_cpu"                    # cores a cold-starting pod burns (imports, model load)
+      }
     }
 
 Prefill of a micro-batch of prompts t_1..t_n at share s (compute-bound, slows in proportion):
@@ -29,6 +39,15 @@ Decode step of B sequences holding C context tokens in all, at share s (a roofli
     gives) it is capped at s, since the pods packed beside it use the rest of the memory bandwidth.
     step = overhead + (memory + compute  if combine == "sum"  else  max(memory, compute))
 KV capacity and the batch limit scale with the share (MIG-like partitioning of memory).
+
+Host sharing (stack.host_cores > 0: the local stack, where gateway, workers and load client share
+a few cores): the host is processor-shared. Its CPU demand is the shares of the pods busy at that
+moment, starting_cpu for each pod cold-starting on the host, and the background (idle cores +
+per-request and per-token CPU at the current rates); beyond host_cores every busy process slows
+by demand / host_cores (a cold start itself is not stretched). The simulator applies the
+slowdown when a prefill micro-batch starts and when a decode pod's step time is set (at each of
+its events): a batch keeps the speed it started with. A profile without a stack block (the H100
+one) has no overheads and no sharing.
 """
 
 from __future__ import annotations
@@ -101,6 +120,41 @@ class DecodeModel:
 
 
 @dataclass(frozen=True)
+class StackModel:
+    """What the serving stack adds around the model on its host (see the module docstring)."""
+
+    request_overhead_ms: float = 0.0
+    step_overhead_ms: float = 0.0
+    host_cores: float = 0.0
+    background_cores: float = 0.0
+    cpu_ms_per_request: float = 0.0
+    cpu_ms_per_token: float = 0.0
+    starting_cpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("request_overhead_ms", "step_overhead_ms", "host_cores", "background_cores",
+                     "cpu_ms_per_request", "cpu_ms_per_token", "starting_cpu"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"stack.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def shared_host(self) -> bool:
+        return self.host_cores > 0
+
+    def background(self, requests_per_s: float, tokens_per_s: float) -> float:
+        """Cores the non-worker processes use at these rates."""
+        return self.background_cores + (requests_per_s * self.cpu_ms_per_request
+                                        + tokens_per_s * self.cpu_ms_per_token) / 1000.0
+
+    def slowdown(self, busy_share: float, background_cores: float) -> float:
+        """How much longer CPU work takes when pods of `busy_share` in all and the background
+        compete for the host (processor sharing); 1 without a shared host."""
+        if self.host_cores <= 0:
+            return 1.0
+        return max(1.0, (busy_share + background_cores) / self.host_cores)
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     source: str
@@ -109,6 +163,7 @@ class Profile:
     decode: DecodeModel
     kv_transfer_ms_per_token: float = 0.0
     cold_start_s: dict[str, float] = field(default_factory=lambda: {"prefill": 30.0, "decode": 30.0})
+    stack: StackModel = field(default_factory=StackModel)
 
     def cold_start(self, stage: str) -> float:
         return float(self.cold_start_s.get(stage, 0.0))
@@ -137,9 +192,17 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
             prefill=prefill, decode=decode,
             kv_transfer_ms_per_token=float(data.get("kv_transfer_ms_per_token", 0.0)),
             cold_start_s={str(k): float(v) for k, v in data.get("cold_start_s", {}).items()},
+            stack=_stack(data.get("stack", {})),
         )
     except KeyError as exc:
         raise ValueError(f"profile {data.get('name', '?')!r} lacks {exc.args[0]!r}") from exc
+
+
+def _stack(data: dict[str, Any]) -> StackModel:
+    """The stack block: the named numbers only (its source and raw measurements stay in the JSON)."""
+    names = ("request_overhead_ms", "step_overhead_ms", "host_cores", "background_cores",
+             "cpu_ms_per_request", "cpu_ms_per_token", "starting_cpu")
+    return StackModel(**{name: float(data[name]) for name in names if name in data})
 
 
 def load_profile(path: str | Path) -> Profile:

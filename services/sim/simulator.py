@@ -7,7 +7,9 @@ pod's queue -> micro-batch -> first token (+ KV hand-off) -> the decode pod's co
 joining at the next step boundary -> one token per step until its output length. Requests
 wait at the gateway (FIFO) while no decode pod has room, and are never dropped. Pods: placed on
 GPUs by share, ready after the profile's cold start, drained on scale-down (they stop taking
-work, finish what they hold, then free their GPU share), newest first.
+work, finish what they hold, then free their GPU share), newest first. The profile's stack block
+adds a per-request delay before the first token and a per-step overhead, and with a shared host
+(a local stack) slows CPU work by the host's contention (services/sim/profile.py).
 
 Every `interval_s` each stage's controller (services/sim/control.py) sees StageSignals built from
 the simulated load reports and sets the stage's replicas.
@@ -21,7 +23,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.scaler.signals import StageSignals
 
@@ -82,6 +84,13 @@ class Simulator:
         self.data = RunData()
         self.next_id = 0
         self.events = 0
+        stack = config.profile.stack
+        self.stack, self.shared_host = stack, stack.shared_host
+        self.request_overhead_s = stack.request_overhead_ms / 1000.0
+        self.decode_model = config.profile.decode
+        if stack.step_overhead_ms:
+            self.decode_model = replace(self.decode_model, overhead_ms=self.decode_model.overhead_ms + stack.step_overhead_ms)
+        self.requests_in = Window(config.window_s)  # fed only with a shared host (its background load)
 
     # ------------------------------------------------------------------ driver
 
@@ -126,7 +135,27 @@ class Simulator:
 
     # ------------------------------------------------------------------ requests
 
+    def _slowdown(self, pod: Pod, now: float) -> float:
+        """The host's contention factor for `pod`, which is busy from now (1 without a shared host)."""
+        if not self.shared_host:
+            return 1.0
+        busy, starting = pod.share, self.stack.starting_cpu
+        for p in self.pods["prefill"]:
+            if p is not pod and p.running:
+                busy += p.share
+            elif starting and p.state == STARTING and p.gpu is not None:
+                busy += starting * p.share
+        for p in self.pods["decode"]:
+            if p is not pod and p.finishing:
+                busy += p.share
+            elif starting and p.state == STARTING and p.gpu is not None:
+                busy += starting * p.share
+        background = self.stack.background(self.requests_in.rate(now), self.tokens_out.rate(now))
+        return self.stack.slowdown(busy, background)
+
     def _on_arrival(self, rid: int, now: float) -> None:
+        if self.shared_host:
+            self.requests_in.add(now, 1.0)
         self.prompt_in.add(now, self.prompt[rid])
         self.waiting.append(rid)
         self.waiting_prompt += self.prompt[rid]
@@ -170,7 +199,8 @@ class Simulator:
         self._start_prefill(pod, now)
 
     def _start_prefill(self, pod: PrefillPod, now: float) -> None:
-        end = pod.start_batch(now, self.prompt)
+        slow = self._slowdown(pod, now) if self.shared_host and pod.queue and not pod.running else 1.0
+        end = pod.start_batch(now, self.prompt, slow)
         if end is not None:
             for rid in pod.running:
                 self.started[rid] = now
@@ -178,9 +208,13 @@ class Simulator:
             self._push(end, _PREFILL_DONE, pod)
 
     def _on_prefill_done(self, pod: PrefillPod, now: float) -> None:
-        per_token = self.c.profile.kv_transfer_ms_per_token / 1000.0
-        for rid in pod.finish_batch():
-            ready = now + per_token * self.prompt[rid]
+        per_token, extra = self.c.profile.kv_transfer_ms_per_token / 1000.0, self.request_overhead_s
+        done = pod.finish_batch()
+        if self.shared_host and done:  # the hand-off and the stack's hops are CPU work on the host too
+            slow = self._slowdown(pod, now)
+            per_token, extra = per_token * slow, extra * slow
+        for rid in done:
+            ready = now + per_token * self.prompt[rid] + extra
             self.first[rid] = ready
             self.ttfts.add(ready, ready - self.arrival[rid])
             dpod = self.decode_of[rid]
@@ -218,7 +252,7 @@ class Simulator:
             self.join_step[rid] = pod.steps
             pod.join(rid, self.prompt[rid], self.output[rid] - 1)
             joined.append(rid)
-        pod.retime()
+        pod.retime(self._slowdown(pod, now) if self.shared_host and pod.finishing else 1.0)
         for rid in joined:  # the first decode token comes one step after joining
             self.data.itl_values.append(now + pod.dt - self.first[rid])
             self.data.itl_weights.append(1)
@@ -243,7 +277,7 @@ class Simulator:
                                   max_batch_tokens=plan.config.get("max_batch_tokens", profile.prefill.max_batch_tokens),
                                   max_batch_size=profile.prefill.max_batch_size)
         else:
-            pod = DecodePod(self.next_id, stage, plan.share, now, model=profile.decode,
+            pod = DecodePod(self.next_id, stage, plan.share, now, model=self.decode_model,
                             max_batch_size=plan.config.get("max_batch_size", profile.decode.max_batch_size),
                             kv_capacity=profile.decode.kv_capacity(plan.share))
         self.pods[stage].append(pod)

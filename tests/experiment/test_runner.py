@@ -30,6 +30,7 @@ sim:
   profile: {REPO / "experiments/profiles/tiny-cpu.json"}
   gpus: 8
   interval_s: 2
+  shared_host: false
 policy:
   ema_half_life_s: 4
   scale_down_window_s: 20
