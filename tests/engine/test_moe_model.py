@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, MixtralForCausalLM
 
 from services.engine.kv_cache import KvCache
@@ -120,3 +124,23 @@ def test_expert_subsets_read_from_the_checkpoint_sum_to_the_whole(models, tiny_m
         keep = torch.tensor([int(e) in subset for e in ex])
         parts += mix_experts(x, ti[keep], ex[keep], ww[keep], lambda e: loaded[(2, e)])
     assert (parts - whole).abs().max().item() < 1e-5
+
+
+def test_attention_biases_of_a_moe_checkpoint_are_loaded(tiny_moe_model, tmp_path):
+    """The MoE loader maps attention like the dense one: a checkpoint with attention_bias gets its
+    q/k/v biases fused and its o_proj bias kept (the strict load refuses a dropped bias)."""
+    model_dir = tmp_path / "biased"
+    shutil.copytree(tiny_moe_model, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    weights = load_file(model_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    for name, w in list(weights.items()):
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            weights[name.removesuffix("weight") + "bias"] = torch.randn(w.shape[0], generator=g)
+    save_file(weights, model_dir / "model.safetensors")
+    ours = load_model(model_dir, dtype="float32")
+    attn = "model.layers.3.self_attn."
+    expected = torch.cat([weights[f"{attn}{n}_proj.bias"] for n in "qkv"])
+    assert torch.equal(ours.layers[3].self_attn.qkv_proj.bias, expected)
+    assert torch.equal(ours.layers[3].self_attn.o_proj.bias, weights[attn + "o_proj.bias"])
