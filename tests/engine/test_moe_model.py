@@ -8,30 +8,25 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, MixtralForCausalLM
+from transformers import MixtralForCausalLM
 
 from services.engine.kv_cache import KvCache
 from services.engine.loader import load_model
 from services.engine.moe_config import MoeConfig
 from services.engine.moe_model import MoeCausalLM, mix_experts, pairs
 from services.engine.moe_weights import read_experts
+from tests.conftest import hf_reference
 
 TOL = 1e-4
 PROMPTS = [[0, 55, 812, 17, 999, 42, 7, 300, 64, 1021], [0, 5, 9, 100, 2000, 3], [0, 4000, 12]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def models(tiny_moe_model):
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_moe_model), dtype=torch.float32).eval()
-    return hf, load_model(tiny_moe_model, dtype="float32")
+    return hf_reference(tiny_moe_model), load_model(tiny_moe_model, dtype="float32")
 
 
 def _padded(prompts):
