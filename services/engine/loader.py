@@ -24,7 +24,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -37,7 +37,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     tensors = {}
-    for path in _weight_files(model_dir):
+    for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 tensors[name.removeprefix("model.")] = f.get_tensor(name)

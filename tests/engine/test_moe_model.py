@@ -16,6 +16,7 @@ from services.engine.moe_config import MoeConfig
 from services.engine.moe_model import MoeCausalLM, mix_experts, pairs
 from services.engine.moe_weights import read_experts
 from tests.conftest import hf_reference
+from tests.engine.test_model import _padded
 
 TOL = 1e-4
 PROMPTS = [[0, 55, 812, 17, 999, 42, 7, 300, 64, 1021], [0, 5, 9, 100, 2000, 3], [0, 4000, 12]]
@@ -27,14 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def models(tiny_moe_model):
     return hf_reference(tiny_moe_model), load_model(tiny_moe_model, dtype="float32")
-
-
-def _padded(prompts):
-    lengths = torch.tensor([len(p) for p in prompts])
-    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    return tokens, lengths
 
 
 def test_tiny_moe_is_a_mixtral_that_transformers_loads(models, tiny_moe_model):
