@@ -41,7 +41,12 @@ async def start_pipeline(store_url, prefix, model_dir, experts: str):
 async def stop_all(gateway, workers, servers=()):
     await gateway.stop(1.0)
     for w in list(workers) + list(servers):
-        await w.stop(1.0)
+        try:
+            await asyncio.wait_for(w.stop(1.0), timeout=15)
+        except asyncio.TimeoutError:
+            for task in asyncio.all_tasks():  # say what the stop is stuck on before failing
+                task.print_stack()
+            raise AssertionError(f"{w.name} did not stop within 15 s") from None
 
 
 async def generate(base_url: str, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[list[int]]:
