@@ -16,7 +16,9 @@ import asyncio
 import csv
 import json
 import os
+import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -219,6 +221,23 @@ async def discover_model(base_url: str, fallback: str = "tiny") -> str:
                 return str(data[0]["id"]) if data else fallback
     except Exception:  # noqa: BLE001 - any failure falls back to the given id
         return fallback
+
+
+async def wait_serving(base_url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Wait until the stack `proc` started (elastune up) answers /v1/models at base_url."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"elastune up exited with code {proc.returncode} before serving")
+            try:
+                async with session.get(base_url.rstrip("/") + "/v1/models") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(1.0)
+    raise TimeoutError(f"elastune up did not serve {base_url} within {timeout_s:.0f} s")
 
 
 def build_workload(args: argparse.Namespace) -> list[Request]:

@@ -28,8 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
-
 from bench import loadgen
 from bench.meta import commit, machine
 from bench.workloads import Request
@@ -117,24 +115,8 @@ async def _phase(base_url: str, model: str, output: int, count: int, spacing: fl
     return records, after[0] - before[0], after[1] - before[1], wall
 
 
-async def _serve_ready(base_url: str, proc: subprocess.Popen, timeout_s: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"elastune up exited with {proc.returncode}")
-            try:
-                async with session.get(base_url + "/v1/models") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(1.0)
-    raise TimeoutError("the stack did not serve in time")
-
-
 async def measure(base_url: str, proc: subprocess.Popen, profile, vocab: int, idle_s: float = 8.0) -> dict:
-    await _serve_ready(base_url, proc)
+    await loadgen.wait_serving(base_url, proc, 240.0)
     starts = worker_starts()
     model = await loadgen.discover_model(base_url)
     await _phase(base_url, model, 8, 6, 0.5, vocab)  # warm-up: first requests pay lazy set-up

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real embedded Valkey store and the tiny model, once per session."""
+"""Shared fixtures: the real embedded Valkey store and the tiny models, once per session; one torch
+thread per module; transformers as the correctness oracle (`hf_reference`, `greedy_reference`)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.common.store import EmbeddedStore
+from services.engine.model_config import ModelConfig
 from services.engine.tiny import create_tiny_model
 
 
@@ -37,6 +40,50 @@ def tiny_moe_model(tmp_path_factory) -> Path:
     from services.engine.tiny_moe import create_tiny_moe_model
 
     return create_tiny_moe_model(tmp_path_factory.mktemp("models") / "tiny-moe")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices: one intra-op thread is as fast, and immune to a busy CPU's spin-waits.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hf_reference(model_dir):
+    """The transformers model of a model directory, in float32, ready for inference."""
+    from transformers import AutoModelForCausalLM  # slow import: only the tests that compare pay it
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def greedy_reference(model_dir, prompts: list[str], max_tokens: list[int], ignore_eos: bool = False) -> list[list[int]]:
+    """transformers' greedy tokens for each prompt (tokenized with its bos), up to max_tokens each.
+
+    The end-of-sequence token ends a completion (and is part of it) unless ignore_eos, as the
+    engine does for requests with and without `ignore_eos`.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = hf_reference(model_dir)
+    eos = set(ModelConfig.from_dir(model_dir).eos_token_ids)  # config and generation config, as the engine reads them
+    out = []
+    with torch.no_grad():
+        for prompt, n in zip(prompts, max_tokens):
+            step = model(torch.tensor([tok.encode(prompt)]), use_cache=True)
+            tokens: list[int] = []
+            for _ in range(n):
+                tokens.append(int(step.logits[0, -1].argmax()))
+                if len(tokens) == n or (tokens[-1] in eos and not ignore_eos):
+                    break
+                step = model(torch.tensor([tokens[-1:]]), past_key_values=step.past_key_values, use_cache=True)
+            out.append(tokens)
+    return out
 
 
 def _dump_pending_tasks(name: str) -> None:

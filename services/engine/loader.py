@@ -24,7 +24,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def _weight_files(model_dir: Path) -> list[Path]:
+def weight_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -37,15 +37,19 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 def _read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     tensors = {}
-    for path in _weight_files(model_dir):
+    for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 tensors[name.removeprefix("model.")] = f.get_tensor(name)
     return tensors
 
 
-def _fused_state(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map HF names onto CausalLM's, concatenating q/k/v and gate/up."""
+def backbone_state(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Everything but the MLPs, under CausalLM's names: embeddings, final norm, lm_head, and each
+    layer's attention (q/k/v fused, with the biases the config asks for) and norms.
+
+    Dense and MoE models share it; each adds its own MLP weights per layer.
+    """
     state = {
         "embed_tokens.weight": hf["embed_tokens.weight"],
         "norm.weight": hf["norm.weight"],
@@ -60,12 +64,28 @@ def _fused_state(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, 
         state[attn + "o_proj.weight"] = hf[attn + "o_proj.weight"]
         if config.o_bias:
             state[attn + "o_proj.bias"] = hf[attn + "o_proj.bias"]
-        mlp = p + "mlp."
-        state[mlp + "gate_up_proj.weight"] = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
-        state[mlp + "down_proj.weight"] = hf[mlp + "down_proj.weight"]
         for norm in ("input_layernorm", "post_attention_layernorm"):
             state[f"{p}{norm}.weight"] = hf[f"{p}{norm}.weight"]
     return state
+
+
+def _fused_state(config: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map HF names onto CausalLM's, concatenating q/k/v and gate/up."""
+    state = backbone_state(config, hf)
+    for i in range(config.num_layers):
+        mlp = f"layers.{i}.mlp."
+        state[mlp + "gate_up_proj.weight"] = torch.cat([hf[mlp + "gate_proj.weight"], hf[mlp + "up_proj.weight"]])
+        state[mlp + "down_proj.weight"] = hf[mlp + "down_proj.weight"]
+    return state
+
+
+def build_model(model: CausalLM, state: dict[str, torch.Tensor], dtype: str, device: str) -> CausalLM:
+    """Give a model built on the meta device its weights, then move it to `device` in `dtype`."""
+    dev = torch.device(device)
+    model.load_state_dict(state, assign=True, strict=True)
+    model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
+    model.set_rope_tables(dev, model.embed_tokens.weight.dtype)
+    return model
 
 
 def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") -> CausalLM:
@@ -75,10 +95,6 @@ def load_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") 
 
         return load_moe_model(model_dir, dtype, device)
     config = ModelConfig.from_dir(model_dir)
-    dev = torch.device(device)
     with torch.device("meta"):  # no memory for weights that are overwritten at once
         model = CausalLM(config)
-    model.load_state_dict(_fused_state(config, _read_tensors(model_dir)), assign=True, strict=True)
-    model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-    model.set_rope_tables(dev, model.embed_tokens.weight.dtype)
-    return model
+    return build_model(model, _fused_state(config, _read_tensors(model_dir)), dtype, device)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loader import _read_tensors, resolve_dtype
+from .loader import _read_tensors, backbone_state, build_model
 from .model import CausalLM
 from .moe_config import MoeConfig
 from .moe_weights import router_weight, stacked_experts
@@ -141,33 +141,20 @@ class MoeCausalLM(CausalLM):
 
 
 def _moe_state(config: MoeConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map HF names onto MoeCausalLM's: fused q/k/v, router, stacked experts."""
-    state = {
-        "embed_tokens.weight": hf["embed_tokens.weight"],
-        "norm.weight": hf["norm.weight"],
-        "lm_head.weight": hf.get("lm_head.weight", hf["embed_tokens.weight"]),
-    }
+    """Map HF names onto MoeCausalLM's: the dense backbone, then each layer's router and stacked experts."""
+    state = backbone_state(config, hf)
     for i in range(config.num_layers):
-        p = f"layers.{i}."
-        attn = p + "self_attn."
-        state[attn + "qkv_proj.weight"] = torch.cat([hf[f"{attn}{n}_proj.weight"] for n in "qkv"])
-        state[attn + "o_proj.weight"] = hf[attn + "o_proj.weight"]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            state[f"{p}{norm}.weight"] = hf[f"{p}{norm}.weight"]
-        state[p + "mlp.gate.weight"] = router_weight(hf, i)
+        mlp = f"layers.{i}.mlp."
+        state[mlp + "gate.weight"] = router_weight(hf, i)
         gate_up, down = stacked_experts(hf, i, config.num_experts)
-        state[p + "mlp.experts.gate_up_proj"] = gate_up
-        state[p + "mlp.experts.down_proj"] = down
+        state[mlp + "experts.gate_up_proj"] = gate_up
+        state[mlp + "experts.down_proj"] = down
     return state
 
 
 def load_moe_model(model_dir: str | Path, dtype: str = "auto", device: str = "cpu") -> MoeCausalLM:
     model_dir = Path(model_dir)
     config = MoeConfig.from_dir(model_dir)
-    dev = torch.device(device)
     with torch.device("meta"):
         model = MoeCausalLM(config)
-    model.load_state_dict(_moe_state(config, _read_tensors(model_dir)), assign=True, strict=True)
-    model = model.to(device=dev, dtype=resolve_dtype(dtype, dev)).eval()
-    model.set_rope_tables(dev, model.embed_tokens.weight.dtype)
-    return model
+    return build_model(model, _moe_state(config, _read_tensors(model_dir)), dtype, device)

@@ -11,12 +11,13 @@ Names here are without the leading `model.`. An experts server reads only the ex
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from .loader import weight_files
 
 
 def _legacy(layer: int) -> str:
@@ -43,20 +44,13 @@ def stacked_experts(hf: dict[str, torch.Tensor], layer: int, num_experts: int) -
     return gate_up, down
 
 
-def _files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return [model_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return sorted(model_dir.glob("*.safetensors"))
-
-
 def read_experts(
     model_dir: str | Path, layers: Iterable[int], experts: Iterable[int]
 ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
     """(layer, expert) -> (gate_up [2I, H], down [H, I]) for just the experts asked for."""
     want = {(l, e) for l in layers for e in experts}
     found: dict[tuple[int, int], dict[str, torch.Tensor]] = {key: {} for key in want}
-    for path in _files(Path(model_dir)):
+    for path in weight_files(Path(model_dir)):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 short = name.removeprefix("model.")

@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -255,18 +256,31 @@ def _config(shape: dict) -> dict:
     }
 
 
-def _weights(shape: dict) -> dict[str, torch.Tensor]:
-    """Seeded float32 weights under the standard Hugging Face Llama names.
+Normal = Callable[[int, int, float], torch.Tensor]  # (rows, cols, std) -> the next seeded [rows, cols] draw
+MlpWeights = Callable[[str, dict, Normal, float], dict[str, torch.Tensor]]  # (layer prefix, shape, normal, residual std)
+
+
+def _dense_mlp(p: str, shape: dict, normal: Normal, residual_std: float) -> dict[str, torch.Tensor]:
+    hidden, inter = shape["hidden_size"], shape["intermediate_size"]
+    return {
+        p + "mlp.gate_proj.weight": normal(inter, hidden, hidden**-0.5),
+        p + "mlp.up_proj.weight": normal(inter, hidden, hidden**-0.5),
+        p + "mlp.down_proj.weight": normal(hidden, inter, residual_std * inter**-0.5),
+    }
+
+
+def seeded_weights(shape: dict, seed: int, mlp: MlpWeights) -> dict[str, torch.Tensor]:
+    """Seeded float32 weights under the standard Hugging Face Llama names, each layer's MLP from `mlp`.
 
     Every linear layer reads an RMS-normalised input (or a sum of such
     outputs), so a std of 1/sqrt(fan_in) keeps activations near unit scale.
     The two projections that write into the residual stream are scaled down by
     sqrt(2 * layers) so it stays stable. lm_head is sized so that each logit
-    has a std of about LM_HEAD_LOGIT_STD.
+    has a std of about LM_HEAD_LOGIT_STD. The draws follow the order the
+    names are written in, so the same shape, seed and `mlp` give the same bytes.
     """
-    gen = torch.Generator().manual_seed(SEED)
+    gen = torch.Generator().manual_seed(seed)
     hidden = shape["hidden_size"]
-    inter = shape["intermediate_size"]
     vocab = shape["vocab_size"]
     layers = shape["num_hidden_layers"]
     head_dim = hidden // shape["num_attention_heads"]
@@ -286,9 +300,7 @@ def _weights(shape: dict) -> dict[str, torch.Tensor]:
         weights[p + "self_attn.v_proj.weight"] = normal(kv_out, hidden, hidden**-0.5)
         weights[p + "self_attn.o_proj.weight"] = normal(hidden, q_out, residual_std * q_out**-0.5)
         weights[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
-        weights[p + "mlp.gate_proj.weight"] = normal(inter, hidden, hidden**-0.5)
-        weights[p + "mlp.up_proj.weight"] = normal(inter, hidden, hidden**-0.5)
-        weights[p + "mlp.down_proj.weight"] = normal(hidden, inter, residual_std * inter**-0.5)
+        weights.update(mlp(p, shape, normal, residual_std))
     weights["model.norm.weight"] = torch.ones(hidden)
     weights["lm_head.weight"] = normal(vocab, hidden, LM_HEAD_LOGIT_STD * hidden**-0.5)
     return weights
@@ -300,20 +312,16 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(text + "\n", encoding="utf-8")
 
 
-def create_tiny_model(out_dir: str | Path, kind: str = "tiny") -> Path:
-    """Write a tiny Llama model in Hugging Face format into out_dir and return it.
+def write_model_dir(out_dir: str | Path, config: dict, weights: dict[str, torch.Tensor]) -> Path:
+    """Write a Hugging Face model directory with the tiny tokenizer, `weights` and `config`.
 
-    The result is byte-for-byte the same on every call (within one install).
     config.json is written last, so its presence marks a finished model.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown tiny model kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shape = TINY_SHAPE
-
-    tokenizer = _build_tokenizer(shape["vocab_size"])
+    tokenizer = _build_tokenizer(config["vocab_size"])
     (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
+    extra_tokens = [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)]
     _write_json(
         out / "tokenizer_config.json",
         {
@@ -324,35 +332,34 @@ def create_tiny_model(out_dir: str | Path, kind: str = "tiny") -> Path:
             "pad_token": PAD,
             "chat_template": CHAT_TEMPLATE,
             "clean_up_tokenization_spaces": False,
-            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
-            "model_max_length": shape["max_position_embeddings"],
+            "additional_special_tokens": extra_tokens,
+            "model_max_length": config["max_position_embeddings"],
             "padding_side": "left",
             "tokenizer_class": "PreTrainedTokenizerFast",
         },
     )
     _write_json(
         out / "special_tokens_map.json",
-        {
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
-        },
+        {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "additional_special_tokens": extra_tokens},
     )
-
-    save_file(_weights(shape), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(out / "model.safetensors", 0o644)  # save_file may create it owner-only
     _write_json(
         out / "generation_config.json",
-        {
-            "bos_token_id": BOS_ID,
-            "eos_token_id": EOS_ID,
-            "pad_token_id": PAD_ID,
-            "do_sample": False,
-        },
+        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, "do_sample": False},
     )
-    _write_json(out / "config.json", _config(shape))
+    _write_json(out / "config.json", config)
     return out
+
+
+def create_tiny_model(out_dir: str | Path, kind: str = "tiny") -> Path:
+    """Write a tiny Llama model in Hugging Face format into out_dir and return it.
+
+    The result is byte-for-byte the same on every call (within one install).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; allowed kinds: {', '.join(KINDS)}")
+    return write_model_dir(out_dir, _config(TINY_SHAPE), seeded_weights(TINY_SHAPE, SEED, _dense_mlp))
 
 
 def default_model_dir() -> Path:
@@ -362,27 +369,31 @@ def default_model_dir() -> Path:
 
 
 def ensure_tiny_model(path: str | Path | None = None) -> Path:
-    """Return a directory holding the tiny model, creating it if config.json is missing.
+    """Return a directory holding the tiny model, creating it if config.json is missing."""
+    return ensure_model_dir(Path(path).expanduser() if path is not None else default_model_dir(), create_tiny_model)
+
+
+def ensure_model_dir(target: Path, create: Callable[[Path], Path]) -> Path:
+    """Return `target`, first running `create` into it if config.json is missing.
 
     The model is built in a temporary directory beside the target and renamed
     into place, so a concurrent reader never sees a half-written model; if
     another process wins the race, its copy is kept and ours is discarded.
     """
-    target = Path(path).expanduser() if path is not None else default_model_dir()
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
-        create_tiny_model(tmp)
+        create(tmp)
         try:
             # Replaces target only if it is missing or an empty directory.
             os.rename(tmp, target)
         except OSError:
             if not (target / "config.json").exists():
                 raise FileExistsError(
-                    f"{target} exists and is not a tiny model directory (no config.json)"
+                    f"{target} exists and is not a model directory (no config.json)"
                 ) from None
     finally:
         if tmp.exists():

@@ -24,8 +24,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
-
 from bench import loadgen
 from bench.workloads import Request
 from services.common import keys
@@ -48,22 +46,6 @@ def _command(cfg: ExperimentConfig, run: str, port: int, events: Path) -> list[s
     if run not in STATIC_RUNS:
         cmd += ["--autoscale", "--scaledobjects", cfg.real.scaledobjects, "--events", str(events)]
     return cmd
-
-
-async def _wait_ready(base_url: str, proc: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"elastune up exited with code {proc.returncode} before serving")
-            try:
-                async with session.get(base_url + "/v1/models") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(1.0)
-    raise TimeoutError(f"elastune up did not serve {base_url} within {timeout_s:.0f} s")
 
 
 async def _sample(store_url: str, t0: float, every_s: float, out: list[StageSample], stop: asyncio.Event) -> None:
@@ -143,7 +125,7 @@ def run_real(cfg: ExperimentConfig, run: str, requests: list[Request], folder: P
                             start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
-        asyncio.run(_wait_ready(base_url, proc, READY_TIMEOUT_S))
+        asyncio.run(loadgen.wait_serving(base_url, proc, READY_TIMEOUT_S))
         echo(f"  {run}: stack serving at {base_url}; sending {len(requests)} requests")
         records, samples, t0, end = asyncio.run(_drive(cfg, base_url, requests, store_url))
         changes = _read_changes(events, t0)

@@ -30,7 +30,7 @@ from .router import pick
 
 log = structlog.get_logger(__name__)
 
-SUSPECT_S = 5.0  # a worker that refused a connection is skipped this long (or until it reports again)
+SUSPECT_S = 5.0  # a worker that refused a connection is avoided this long (or until it reports again)
 
 
 class PipelineError(Exception):
@@ -107,8 +107,16 @@ class Pipeline:
             self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
         return self._channels[address]
 
+    def mark_suspect(self, worker_id: str) -> None:
+        """Route around a worker for SUSPECT_S: it refused a call or dropped a stream."""
+        self._suspect[worker_id] = time.monotonic()
+
     def _pick(self, stage: str, exclude: set[str]) -> LoadReport | None:
-        return pick(self.workers[stage], self.open_requests, exclude | self._suspect.keys())
+        """A worker not in `exclude`, preferring ones that are not suspect. A suspect one (say, it
+        just recovered from a freeze) is still better than none: the request would fail."""
+        workers = self.workers[stage]
+        trusted = pick(workers, self.open_requests, exclude | self._suspect.keys())
+        return trusted or pick(workers, self.open_requests, exclude)
 
     async def stream(self, req: GenerationRequest, timeout_s: float) -> AsyncIterator[TokenEvent]:
         prompt_tokens = len(req.prompt_token_ids)
@@ -173,8 +181,6 @@ class Pipeline:
                     break
                 attempts += 1
                 decode = self._pick("decode", tried)
-                if decode is None:  # only suspects left (e.g. one that just recovered): better than failing
-                    decode = pick(self.workers["decode"], self.open_requests, tried)
                 if decode is None and not tried:
                     decode = await self._wait_for_decode(deadline)
                 if decode is None:
@@ -245,7 +251,7 @@ class Pipeline:
     def _classify(self, exc: grpc.aio.AioRpcError, worker_id: str, address: str) -> PipelineError:
         code, detail = exc.code(), exc.details() or ""
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-            self._suspect[worker_id] = time.monotonic()
+            self.mark_suspect(worker_id)
             return PipelineError("unavailable", f"decode worker {address} is unavailable: {detail}", self.retry_after_s)
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return PipelineError("overloaded", f"all decode workers are busy: {detail}", self.retry_after_s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -166,3 +167,30 @@ def test_cli_trace_replay(tmp_path: Path) -> None:
     reqs = loadgen.build_workload(args)
     assert [r.arrival_s for r in reqs] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]
     assert all(r.prompt_tokens + r.output_tokens <= 1024 for r in reqs)
+
+
+async def test_wait_serving_polls_until_models_answer_and_stops_on_a_dead_stack() -> None:
+    answers = [503, 200]  # the stack's HTTP server is up before its workers: first not ready
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": []}, status=answers.pop(0) if answers else 200)
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        await loadgen.wait_serving(url, alive, timeout_s=20)
+        assert answers == []  # it asked again after the 503
+    finally:
+        alive.kill()
+        alive.wait()
+        await runner.cleanup()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with pytest.raises(RuntimeError, match="exited with code 0 before serving"):
+        await loadgen.wait_serving(url, dead, timeout_s=20)

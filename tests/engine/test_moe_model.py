@@ -2,40 +2,32 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import MixtralForCausalLM
 
 from services.engine.kv_cache import KvCache
 from services.engine.loader import load_model
 from services.engine.moe_config import MoeConfig
 from services.engine.moe_model import MoeCausalLM, mix_experts, pairs
 from services.engine.moe_weights import read_experts
+from tests.conftest import hf_reference
+from tests.engine.test_model import _padded
 
 TOL = 1e-4
 PROMPTS = [[0, 55, 812, 17, 999, 42, 7, 300, 64, 1021], [0, 5, 9, 100, 2000, 3], [0, 4000, 12]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def models(tiny_moe_model):
-    hf = AutoModelForCausalLM.from_pretrained(str(tiny_moe_model), dtype=torch.float32).eval()
-    return hf, load_model(tiny_moe_model, dtype="float32")
-
-
-def _padded(prompts):
-    lengths = torch.tensor([len(p) for p in prompts])
-    tokens = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p)
-    return tokens, lengths
+    return hf_reference(tiny_moe_model), load_model(tiny_moe_model, dtype="float32")
 
 
 def test_tiny_moe_is_a_mixtral_that_transformers_loads(models, tiny_moe_model):
@@ -120,3 +112,23 @@ def test_expert_subsets_read_from_the_checkpoint_sum_to_the_whole(models, tiny_m
         keep = torch.tensor([int(e) in subset for e in ex])
         parts += mix_experts(x, ti[keep], ex[keep], ww[keep], lambda e: loaded[(2, e)])
     assert (parts - whole).abs().max().item() < 1e-5
+
+
+def test_attention_biases_of_a_moe_checkpoint_are_loaded(tiny_moe_model, tmp_path):
+    """The MoE loader maps attention like the dense one: a checkpoint with attention_bias gets its
+    q/k/v biases fused and its o_proj bias kept (the strict load refuses a dropped bias)."""
+    model_dir = tmp_path / "biased"
+    shutil.copytree(tiny_moe_model, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    weights = load_file(model_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    for name, w in list(weights.items()):
+        if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+            weights[name.removesuffix("weight") + "bias"] = torch.randn(w.shape[0], generator=g)
+    save_file(weights, model_dir / "model.safetensors")
+    ours = load_model(model_dir, dtype="float32")
+    attn = "model.layers.3.self_attn."
+    expected = torch.cat([weights[f"{attn}{n}_proj.bias"] for n in "qkv"])
+    assert torch.equal(ours.layers[3].self_attn.qkv_proj.bias, expected)
+    assert torch.equal(ours.layers[3].self_attn.o_proj.bias, weights[attn + "o_proj.bias"])

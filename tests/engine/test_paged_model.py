@@ -18,12 +18,7 @@ from tests.engine.test_model import TOL, VOCAB, _build, _hf_forward, _hf_kv
 BS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", params=["llama_gqa_bias", "qwen2", "mistral"])

@@ -14,13 +14,7 @@ V = 64
 GREEDY = SamplingParams(temperature=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices: one intra-op thread is as fast, and immune to a busy CPU's spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _logits(rows: int, seed: int = 0, scale: float = 3.0) -> torch.Tensor:

@@ -5,18 +5,15 @@ from __future__ import annotations
 import uuid
 
 import pytest
-import torch
 
 from services.experts.config import ExpertsConfig
 from services.experts.server import ExpertsWorker
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_torch_thread(one_torch_thread):
+    """Every experts test module runs torch on one thread (the fixture of tests/conftest.py)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -9,8 +9,6 @@ import asyncio
 
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from services.common.store import connect
 from services.decode.config import DecodeConfig
@@ -20,6 +18,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.server import Gateway
 from services.prefill.config import PrefillConfig
 from services.prefill.server import PrefillWorker
+from tests.conftest import greedy_reference
 
 from .conftest import start_experts
 
@@ -62,22 +61,9 @@ async def generate(base_url: str, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> lis
     return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
 
 
-def reference(model_dir, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    out = []
-    for prompt, n in zip(prompts, max_tokens):
-        ids = torch.tensor([tok.encode(prompt)])
-        gen = model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=2)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
-
-
 @pytest.fixture(scope="module")
 def expected(tiny_moe_model):
-    return reference(tiny_moe_model)
+    return greedy_reference(tiny_moe_model, PROMPTS, MAX_TOKENS, ignore_eos=True)
 
 
 async def test_colocated_and_disaggregated_greedy_equal_transformers(store_url, prefix, tiny_moe_model, expected):

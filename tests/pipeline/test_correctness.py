@@ -7,9 +7,8 @@ from collections import Counter
 
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.conftest import greedy_reference
 from tests.stack import start_stack
 
 
@@ -18,17 +17,6 @@ async def stack(store_url, tiny_model):
     s = await start_stack(store_url, tiny_model, prefill=1, decode=2)
     yield s
     await s.stop()
-
-
-def reference_tokens(model_dir, prompts: list[str], max_tokens: list[int]) -> list[list[int]]:
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    out = []
-    for prompt, n in zip(prompts, max_tokens):
-        ids = torch.tensor([tok.encode(prompt)])
-        gen = model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=tok.pad_token_id)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
 
 
 async def test_concurrent_greedy_matches_transformers(stack, tiny_model):
@@ -45,7 +33,7 @@ async def test_concurrent_greedy_matches_transformers(stack, tiny_model):
         return resp.choices[0].model_extra["token_ids"]
 
     got = await asyncio.gather(*(one(i) for i in range(16)))
-    expected = await asyncio.to_thread(reference_tokens, tiny_model, prompts, max_tokens)
+    expected = await asyncio.to_thread(greedy_reference, tiny_model, prompts, max_tokens)
     assert got == expected
     # every prompt's KV came from the prefill worker, over shared memory (same host)
     sources = sum((w.kv_sources for w in stack.decode), Counter())
@@ -64,7 +52,7 @@ async def test_grpc_kv_transport_gives_same_tokens(store_url, tiny_model):
             for p in prompts
         ]
         assert s.decode[0].kv_sources == {"grpc": 3}
-        assert got == await asyncio.to_thread(reference_tokens, tiny_model, prompts, [10] * 3)
+        assert got == await asyncio.to_thread(greedy_reference, tiny_model, prompts, [10] * 3)
     finally:
         await s.stop()
 

@@ -10,13 +10,12 @@ from dataclasses import replace
 
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.common.store import connect
 from services.tuner.config import TunerConfig
 from services.tuner.sidecar import TunerSidecar
 from services.tuner.table import ProfilePoint, TuningTable
+from tests.conftest import greedy_reference
 from tests.stack import start_stack
 
 FAST = dict(interval_s=0.1, min_dwell_s=0.0, hysteresis=0.0, explore_interval_s=0.0, settle_s=0.0,
@@ -48,24 +47,6 @@ def sidecar_for(worker, store_url: str, **overrides) -> TunerSidecar:
     cfg = TunerConfig(worker=worker.address, store_url=store_url, store_prefix=worker.config.store_prefix,
                       **{**FAST, **overrides})
     return TunerSidecar(cfg, env={})
-
-
-def reference_tokens(model_dir, prompts: list[str], n: int) -> list[list[int]]:
-    """transformers' greedy tokens, n of them whatever they are (the requests ignore EOS)."""
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([tok.encode(prompt)])
-            step = model(ids, use_cache=True)
-            tokens = []
-            for _ in range(n):
-                nxt = int(step.logits[0, -1].argmax())
-                tokens.append(nxt)
-                step = model(torch.tensor([[nxt]]), past_key_values=step.past_key_values, use_cache=True)
-            out.append(tokens)
-    return out
 
 
 DECODE_CONFIGS = [{"max_batch_size": b, "max_concurrency": c} for b, c in ((32, 32), (1, 4), (8, 8), (3, 16), (16, 6), (2, 32))]
@@ -119,7 +100,7 @@ async def test_hot_swaps_under_streaming_load_fail_nothing_and_keep_greedy_token
     assert len(decode.history) >= len(DECODE_CONFIGS) - 1 and len(prefill.history) >= 3
     assert sum(n > 0 for n in in_flight) >= 3, in_flight  # the swaps happened mid-stream
     assert all(len(ids) == n_tokens for ids in got)  # nothing failed or was cut short
-    assert got == await asyncio.to_thread(reference_tokens, tiny_model, prompts, n_tokens)
+    assert got == await asyncio.to_thread(greedy_reference, tiny_model, prompts, [n_tokens] * len(prompts), True)
     gaps = [b - a for a, b in zip(sorted(chunk_times), sorted(chunk_times)[1:])]
     assert max(gaps) < 5.0  # no stall: tokens kept flowing through every swap
 
