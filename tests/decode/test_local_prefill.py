@@ -15,7 +15,7 @@ import torch
 
 from services.proto import inference_pb2 as pb
 from services.proto import inference_pb2_grpc as pb_grpc
-from tests.pipeline.test_correctness import reference_tokens
+from tests.conftest import greedy_reference
 from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -60,7 +60,7 @@ async def test_chunked_local_prefill_under_preemption_matches_transformers(stack
         return resp.choices[0].model_extra["token_ids"]
 
     got = await asyncio.gather(*(one(i) for i in range(16)))
-    assert got == await asyncio.to_thread(reference_tokens, tiny_model, prompts, max_tokens)
+    assert got == await asyncio.to_thread(greedy_reference, tiny_model, prompts, max_tokens)
     e = worker.engine
     assert worker.kv_sources == {"local": 16}
     assert e.scheduler.preemptions > 0, "the pool should have been too small for every sequence at once"
