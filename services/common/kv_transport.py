@@ -23,6 +23,7 @@ import socket
 import tempfile
 import threading
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch
 
 from ..proto import inference_pb2 as pb
 from . import kv_cuda_ipc
+from .kv_wire import KvChunkData
 
 SHM = "shm"
 GRPC = "grpc"
@@ -199,7 +201,7 @@ class KvSender:
         self.layout = layout
         self.transport = choose_transport(layout, target, device)
         self._loop = loop
-        self._ready: deque[tuple[int, bytes | None]] = deque()  # (layer, grpc payload), on the loop only
+        self._ready: deque[tuple[int, object]] = deque()  # (layer, grpc payload buffer), on the loop only
         self._wakeup = asyncio.Event()
         self._ended = False
         self._error: Exception | None = None
@@ -225,8 +227,8 @@ class KvSender:
                 if raw.numel() != self.layout.layer_bytes:
                     raise ValueError(f"KV layer {layer} has {raw.numel()} bytes, expected {self.layout.layer_bytes}")
                 payload = None
-                if self.transport == GRPC:
-                    payload = raw.cpu().numpy().tobytes()
+                if self.transport == GRPC:  # no copy: the wire encoder reads the tensor's memory
+                    payload = raw.cpu().numpy()
                 else:
                     self._buffer.view(layer * self.layout.layer_bytes, raw.numel()).copy_(raw)
                     if self.transport == CUDA_IPC:  # the peer reads it once it has the message
@@ -238,7 +240,7 @@ class KvSender:
                 return
         self._loop.call_soon_threadsafe(self._arrive, layer, payload)
 
-    def _arrive(self, layer: int, payload: bytes | None) -> None:
+    def _arrive(self, layer: int, payload) -> None:
         self._ready.append((layer, payload))
         self._wakeup.set()
 
@@ -256,7 +258,7 @@ class KvSender:
         """Layers handed over and not yet in a chunk."""
         return len(self._ready)
 
-    async def next_chunk(self) -> pb.KvChunk | None:
+    async def next_chunk(self) -> KvChunkData | None:
         """The next chunk, waiting for a layer if none is ready; None once ended and drained."""
         while not self._ready and not self._ended and self._error is None:
             self._wakeup.clear()
@@ -273,9 +275,8 @@ class KvSender:
         self.sent_layers = end
         nbytes = (end - start) * self.layout.layer_bytes
         if self.transport == GRPC:
-            data = group[0][1] if len(group) == 1 else b"".join(p for _, p in group)
-            return pb.KvChunk(layer_start=start, layer_end=end, data=data, nbytes=nbytes)
-        return pb.KvChunk(layer_start=start, layer_end=end, shm_offset=start * self.layout.layer_bytes, nbytes=nbytes)
+            return KvChunkData(start, end, nbytes, parts=[payload for _, payload in group])
+        return KvChunkData(start, end, nbytes, shm_offset=start * self.layout.layer_bytes)
 
     def close(self) -> None:
         """Release the peer's buffer mapping; later puts are dropped (the peer owns the buffer)."""
@@ -300,8 +301,9 @@ class KvReceiver:
         self._shm = shm
         self.received_layers = 0
 
-    def layers(self, chunk: pb.KvChunk) -> Iterator[tuple[int, torch.Tensor]]:
-        """(layer index, tensor) for each layer in the chunk; tensors are valid until the next call."""
+    def layers(self, chunk: pb.KvChunk | KvChunkData) -> Iterator[tuple[int, torch.Tensor]]:
+        """(layer index, tensor) for each layer in the chunk; tensors are valid until the next
+        call, and read-only (for grpc they view the received message's bytes)."""
         if chunk.layer_start != self.received_layers or chunk.layer_end > self.layout.num_layers:
             raise ValueError(f"KV chunk for layers [{chunk.layer_start}, {chunk.layer_end}) arrived out of order")
         n = chunk.layer_end - chunk.layer_start
@@ -314,7 +316,9 @@ class KvReceiver:
         else:
             if len(chunk.data) != chunk.nbytes:
                 raise ValueError(f"KV chunk carries {len(chunk.data)} bytes but declares {chunk.nbytes}")
-            raw = torch.frombuffer(bytearray(chunk.data), dtype=torch.uint8)
+            with warnings.catch_warnings():  # read-only bytes: we only ever copy out of them
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                raw = torch.frombuffer(chunk.data, dtype=torch.uint8)
         dtype = DTYPES[self.layout.dtype]
         for i in range(n):
             part = raw[i * self.layout.layer_bytes : (i + 1) * self.layout.layer_bytes]

@@ -15,6 +15,7 @@ import torch
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_cuda_ipc import DeviceBuffer
 from ..common.kv_transport import CUDA_IPC, SHM, KvLayout, KvReceiver, ShmFile, host_id
+from ..common.kv_wire import KvChunkData, prefill_method
 from ..common.registry import WorkerDirectory
 from ..common.request_context import outgoing_metadata
 from ..common.tasks import spawn
@@ -311,14 +312,14 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             if w.engine.cache.device.type == "cuda":
                 buffers[CUDA_IPC] = DeviceBuffer.allocate(size, w.engine.cache.device)
         try:
-            stub = pb_grpc.PrefillStub(w.channel(request.prefill_address))
+            prefill = prefill_method(w.channel(request.prefill_address))  # KV bytes arrive without copies
             shm = buffers.get(SHM)
             target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path) if shm else "", shm_bytes=shm.size if shm else 0)
             if CUDA_IPC in buffers:
                 target.cuda_ipc.CopyFrom(buffers[CUDA_IPC].export())
             sampling = sampling_to_proto(seq.params)
             sampling.seed = seq.seed  # the prefill worker draws token 0 from the same stream
-            call = stub.Prefill(pb.PrefillRequest(
+            call = prefill(pb.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target,
                 sampling_offset=seq.sampling_offset,
             ), metadata=outgoing_metadata(request.request_id))
@@ -327,7 +328,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             first = None
             expected = (2, cfg.num_kv_heads, len(prompt), cfg.head_dim)
             async for msg in call:  # head, then KV chunks (written per chunk) and the first token
-                kind = msg.WhichOneof("kind")
+                kind = "kv" if isinstance(msg, KvChunkData) else msg.WhichOneof("kind")
                 if kind == "head":
                     layout = KvLayout.from_proto(msg.head.layout)
                     if layout.layer_shape != expected or layout.num_layers != cfg.num_layers:
@@ -343,7 +344,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 elif receiver is None:
                     raise ConnectionError("prefill sent KV before its head")
                 else:
-                    for layer, kv in receiver.layers(msg.kv):
+                    for layer, kv in receiver.layers(msg if isinstance(msg, KvChunkData) else msg.kv):
                         w.engine.write_kv(seq, layer, kv)
                         del kv
             if receiver is None or not receiver.complete or first is None:

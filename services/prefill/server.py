@@ -11,6 +11,7 @@ import structlog
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto
 from ..common.kv_transport import KvSender, prompt_layout
+from ..common.kv_wire import add_prefill_servicer
 from ..common.runtime_config import RuntimeConfig
 from ..common.tasks import spawn
 from ..common.worker import Worker
@@ -34,7 +35,7 @@ class PrefillWorker(Worker):
         self.metrics = PrefillMetrics(self)
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(self), server)
+        add_prefill_servicer(PrefillServicer(self), server)  # KV bytes go out without protobuf copies
         self.add_admin(server)
 
     async def on_start(self) -> None:
@@ -141,7 +142,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             if not first_sent and _succeeded(job.future):
                 first_sent = True
                 yield self._first(job)
-            yield pb.PrefillChunk(kv=chunk)
+            yield chunk  # encoded as PrefillChunk{kv} by kv_wire
             chunk = await sender.next_chunk()
         job.future.result()  # raises the model's error, if any
         w.metrics.queue_wait.observe(job.queue_ms / 1000)

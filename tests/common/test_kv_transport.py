@@ -9,6 +9,7 @@ import torch
 
 from services.common import kv_transport as kt
 from services.common.kv_transport import GRPC, SHM, KvLayout, KvReceiver, ShmFile, host_id, layout_of, send_chunks
+from services.common.kv_wire import decode_prefill_chunk, encode_prefill_chunk
 from services.proto import inference_pb2 as pb
 
 NUM_LAYERS = 5
@@ -249,7 +250,8 @@ async def test_sender_groups_ready_layers_up_to_the_chunk_size(small_chunks):
     assert sender.transport == GRPC
     await _put_from_thread(sender, enumerate(layers))
     sender.end()
-    messages, got = _receive(layers, GRPC, await _drain(sender))
+    wire = [decode_prefill_chunk(encode_prefill_chunk(c)) for c in await _drain(sender)]  # as sent and received
+    messages, got = _receive(layers, GRPC, wire)
     assert [(m.layer_start, m.layer_end) for m in messages] == [(0, 2), (2, 4), (4, 5)]
     assert all(torch.equal(a, b) for a, b in zip(got, layers))
     assert sender.sent_layers == NUM_LAYERS
