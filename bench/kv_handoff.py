@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,8 @@ from pathlib import Path
 import grpc
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root instead of bench/ (bench/profile.py would shadow the stdlib module torch imports)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.engine import SHAPES  # noqa: E402
 from bench.meta import commit, machine  # noqa: E402
@@ -190,7 +192,8 @@ class Receiver:
         self.table = list(range(blocks))
         self.bytes = cfg.kv_bytes_per_token(torch.empty(0, dtype=dtype).element_size()) * tokens
 
-    async def once(self, request_id: str, path: str, adopt: bool) -> tuple[float, str]:
+    async def once(self, request_id: str, path: str, adopt: bool) -> tuple[float, str, float]:
+        """(ms from the call to the KV readable / adopted here, transport, the server's forward ms)."""
         buffer = None
         target = pb.KvTarget()
         if path == SHM:
@@ -203,6 +206,7 @@ class Receiver:
         try:
             start = time.perf_counter()
             receiver = None
+            compute_ms = 0.0
             async for msg in self.prefill(request):
                 kind = "kv" if isinstance(msg, KvChunkData) else msg.WhichOneof("kind")
                 if kind == "head":
@@ -211,11 +215,13 @@ class Receiver:
                     for layer, kv in receiver.layers(msg):
                         if adopt:
                             self.cache.write(layer, self.table, kv)
+                else:
+                    compute_ms = msg.first.compute_ms
             if self.cache.device.type == "cuda":
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - start) * 1000
             assert receiver is not None and receiver.complete
-            return ms, receiver.transport
+            return ms, receiver.transport, compute_ms
         finally:
             if buffer is not None:
                 buffer.unlink()
@@ -235,7 +241,7 @@ async def handoff_rows(stub, repeats: int) -> list[dict]:
             await recv.once(f"handoff:{device}", path, adopt)  # warm-up
             times = []
             for _ in range(repeats):
-                ms, transport = await recv.once(f"handoff:{device}", path, adopt)
+                ms, transport, _ = await recv.once(f"handoff:{device}", path, adopt)
                 assert transport == path, f"asked for {path}, the server chose {transport}"
                 times.append(ms)
             key = "adopted" if adopt else "handed_off"
@@ -272,20 +278,26 @@ async def overlap_rows(stub, repeats: int) -> list[dict]:
             for mode in ("whole", "stream", "whole", "stream"):  # warm-up, then alternate
                 await recv.once(f"{mode}:{name}", path, adopt=True)
             times = {"whole": [], "stream": []}
+            tails = {"whole": [], "stream": []}
             for _ in range(repeats):
                 for mode in ("whole", "stream"):
-                    ms, _ = await recv.once(f"{mode}:{name}", path, adopt=True)
+                    ms, _, compute_ms = await recv.once(f"{mode}:{name}", path, adopt=True)
                     times[mode].append(ms)
-            for mode, values in times.items():
-                row[f"{mode}_ms_p50"] = p50(values)
-                row[f"{mode}_ms_all"] = values
+                    tails[mode].append(ms - compute_ms)  # what the hand-off adds after the forward
+            for mode in times:
+                row[f"{mode}_ms_p50"] = p50(times[mode])
+                row[f"{mode}_ms_all"] = times[mode]
+                row[f"{mode}_tail_ms_p50"] = p50(tails[mode])
+                row[f"{mode}_tail_ms_all"] = tails[mode]
             row["saved_ms"] = row["whole_ms_p50"] - row["stream_ms_p50"]
+            row["saved_tail_ms"] = row["whole_tail_ms_p50"] - row["stream_tail_ms_p50"]
             rows.append(row)
     return rows
 
 
 async def run(args) -> dict:
-    cmd = [sys.executable, __file__, "--serve"] + (["--skip-overlap"] if args.skip_overlap else [])
+    cmd = [sys.executable, __file__, "--serve", "--threads", str(args.threads)] + (
+        ["--skip-overlap"] if args.skip_overlap else [])
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         line = await asyncio.to_thread(server.stdout.readline)
@@ -306,28 +318,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--skip-overlap", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in each process (2 processes, 2 cores)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.serve:
         asyncio.run(serve(args))
         return
+    load_before = os.getloadavg()
     rows = asyncio.run(run(args))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     result = {"machine": machine(), "device": device, "torch": torch.__version__, "commit": commit(),
-              "max_chunk_bytes": MAX_CHUNK_BYTES, "repeats": args.repeats, **rows}
+              "max_chunk_bytes": MAX_CHUNK_BYTES, "repeats": args.repeats, "threads": args.threads,
+              "load_avg_before": load_before, "load_avg_after": os.getloadavg(), **rows}
     print(f"\nKV hand-off, {HANDOFF_SHAPE} shape, {HANDOFF_TOKENS} tokens, bf16, two processes on {device}, "
-          f"commit {result['commit']} (p50 of {args.repeats})")
+          f"commit {result['commit']} (p50 of {args.repeats}; load average {load_before[0]:.1f} before, "
+          f"{result['load_avg_after'][0]:.1f} after)")
     print(f"{'path':<15} {'MiB':>5} {'handed off ms':>14} {'GB/s':>6} {'adopted ms':>11} {'GB/s':>6}  goal")
     for r in result["handoff"]:
         print(f"{r['path']:<15} {r['bytes'] / 2**20:>5.0f} {r['handed_off_ms_p50']:>14.1f} {r['handed_off_gb_s']:>6.2f} "
               f"{r['adopted_ms_p50']:>11.1f} {r['adopted_gb_s']:>6.2f}  {r['goal']}")
     if result["overlap"]:
         print("\nPrefill start -> KV adopted: streamed per layer vs after the whole prefill (fp32, CPU)")
-        print(f"{'shape':<6} {'tokens':>6} {'path':<5} {'MiB':>6} {'whole ms':>9} {'stream ms':>10} {'saved ms':>9}")
+        print("(tail = end to end minus the server's forward: what the hand-off adds after the last layer)")
+        print(f"{'shape':<6} {'tokens':>6} {'path':<5} {'MiB':>6} {'whole ms':>9} {'stream ms':>10} {'saved ms':>9}"
+              f" {'whole tail':>11} {'stream tail':>12} {'saved tail':>11}")
         for r in result["overlap"]:
             print(f"{r['shape']:<6} {r['tokens']:>6} {r['path']:<5} {r['bytes'] / 2**20:>6.1f} {r['whole_ms_p50']:>9.1f} "
-                  f"{r['stream_ms_p50']:>10.1f} {r['saved_ms']:>9.1f}")
+                  f"{r['stream_ms_p50']:>10.1f} {r['saved_ms']:>9.1f} {r['whole_tail_ms_p50']:>11.1f} "
+                  f"{r['stream_tail_ms_p50']:>12.1f} {r['saved_tail_ms']:>11.1f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"kv_handoff-{'cuda' if torch.cuda.is_available() else 'cpu'}-{result['commit']}.json"
