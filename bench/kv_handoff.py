@@ -61,7 +61,7 @@ GOALS = {GRPC: "cross-host path >= 1.5 GB/s on loopback", SHM: "-", CUDA_IPC: "s
 OVERLAP = {
     "tiny": (dict(SHAPES["tiny"]), 512),
     "mid": (dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                 intermediate_size=2048, vocab_size=8192, max_position_embeddings=2048, rope_theta=10000.0), 256),
+                 intermediate_size=2048, vocab_size=8192, max_position_embeddings=2048, rope_theta=10000.0), 512),
 }
 
 
