@@ -42,7 +42,7 @@ from bench.engine import SHAPES  # noqa: E402
 from bench.meta import commit, machine  # noqa: E402
 from services.common.kv_cuda_ipc import DeviceBuffer  # noqa: E402
 from services.common.kv_transport import (  # noqa: E402
-    CUDA_IPC, GRPC, MAX_CHUNK_BYTES, SHM, KvLayout, KvReceiver, KvSender, ShmFile, host_id, prompt_layout,
+    CUDA_IPC, GRPC, MAX_CHUNK_BYTES, SHM, KvLayout, KvReceiver, KvSender, ShmFile, ShmPool, host_id, prompt_layout,
 )
 from services.common.kv_wire import KvChunkData, add_prefill_servicer, prefill_method  # noqa: E402
 from services.common.server import GRPC_OPTIONS  # noqa: E402
@@ -183,8 +183,10 @@ async def serve(args) -> None:
 class Receiver:
     """Offers the buffer a path needs, reads the stream, optionally adopts into paged blocks."""
 
-    def __init__(self, prefill, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tokens: int):
+    def __init__(self, prefill, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, tokens: int,
+                 reuse_shm: bool = True):
         self.prefill = prefill
+        self.pool = ShmPool() if reuse_shm else None  # as the decode worker does
         self.cfg = cfg
         self.tokens = tokens
         blocks = -(-tokens // BLOCK_SIZE)
@@ -197,7 +199,7 @@ class Receiver:
         buffer = None
         target = pb.KvTarget()
         if path == SHM:
-            buffer = ShmFile.create(self.bytes, tag="bench")
+            buffer = self.pool.take(self.bytes, tag="bench") if self.pool else ShmFile.create(self.bytes, tag="bench")
             target = pb.KvTarget(host_id=host_id(), shm_path=str(buffer.path), shm_bytes=buffer.size)
         elif path == CUDA_IPC:
             buffer = DeviceBuffer.allocate(self.bytes, self.cache.device)
@@ -221,10 +223,18 @@ class Receiver:
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - start) * 1000
             assert receiver is not None and receiver.complete
+            if path == SHM and self.pool:
+                self.pool.give_back(buffer)
+                buffer = None
             return ms, receiver.transport, compute_ms
         finally:
             if buffer is not None:
                 buffer.unlink()
+
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
 
 def p50(values: list[float]) -> float:
@@ -233,10 +243,11 @@ def p50(values: list[float]) -> float:
 
 async def handoff_rows(stub, repeats: int) -> list[dict]:
     cfg = config_of(SHAPES[HANDOFF_SHAPE])
-    paths = [(GRPC, "cpu"), (SHM, "cpu")] + ([(CUDA_IPC, "cuda")] if torch.cuda.is_available() else [])
+    paths = [(GRPC, "cpu", True), (SHM, "cpu", True), (SHM, "cpu", False)]
+    paths += [(CUDA_IPC, "cuda", True)] if torch.cuda.is_available() else []
     rows = []
-    for path, device in paths:
-        recv = Receiver(stub, cfg, torch.bfloat16, torch.device(device), HANDOFF_TOKENS)
+    for path, device, reuse in paths:
+        recv = Receiver(stub, cfg, torch.bfloat16, torch.device(device), HANDOFF_TOKENS, reuse_shm=reuse)
         for adopt in (False, True):
             await recv.once(f"handoff:{device}", path, adopt)  # warm-up
             times = []
@@ -246,10 +257,12 @@ async def handoff_rows(stub, repeats: int) -> list[dict]:
                 times.append(ms)
             key = "adopted" if adopt else "handed_off"
             if not adopt:
-                rows.append({"path": path, "bytes": recv.bytes, "goal": GOALS[path]})
+                name = path if reuse or path != SHM else "shm, new file"
+                rows.append({"path": name, "bytes": recv.bytes, "goal": GOALS[path]})
             rows[-1][f"{key}_ms_p50"] = p50(times)
             rows[-1][f"{key}_ms_all"] = times
             rows[-1][f"{key}_gb_s"] = recv.bytes / (p50(times) / 1000) / 1e9
+        recv.close()
     return rows
 
 
@@ -292,6 +305,7 @@ async def overlap_rows(stub, repeats: int) -> list[dict]:
             row["saved_ms"] = row["whole_ms_p50"] - row["stream_ms_p50"]
             row["saved_tail_ms"] = row["whole_tail_ms_p50"] - row["stream_tail_ms_p50"]
             rows.append(row)
+        recv.close()
     return rows
 
 

@@ -40,6 +40,8 @@ SHM = "shm"
 GRPC = "grpc"
 CUDA_IPC = "cuda_ipc"
 MAX_CHUNK_BYTES = 4 << 20  # per gRPC message; a larger layer travels alone
+SHM_POOL_FILES = 2  # idle shared-memory files a decode worker keeps for reuse
+SHM_POOL_BYTES = 512 << 20  # and their total size at most (tmpfs memory: /dev/shm limits in pods)
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -145,6 +147,45 @@ class ShmFile:
     def unlink(self) -> None:
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+class ShmPool:
+    """Decode side: shared-memory files kept for the next prompt.
+
+    The first touch of a fresh tmpfs page costs a fault and a zeroed page: two thirds of a
+    256 MiB hand-off. A file goes back to the pool only after a complete transfer (no prefill
+    writer can touch it any more); after a failure the caller unlinks it. Idle files keep
+    their touched pages, hence the caps.
+    """
+
+    def __init__(self, max_files: int = SHM_POOL_FILES, max_bytes: int = SHM_POOL_BYTES):
+        self.max_files = max_files
+        self.max_bytes = max_bytes
+        self._idle: list[ShmFile] = []
+
+    def take(self, size: int, tag: str) -> ShmFile:
+        """The smallest idle file that holds `size` bytes, else a new one."""
+        fits = [f for f in self._idle if f.size >= size]
+        if fits:
+            best = min(fits, key=lambda f: f.size)
+            self._idle.remove(best)
+            return best
+        return ShmFile.create(size, tag)
+
+    def give_back(self, shm: ShmFile) -> None:
+        if len(self._idle) < self.max_files and self.idle_bytes + shm.size <= self.max_bytes:
+            self._idle.append(shm)
+        else:
+            shm.unlink()
+
+    @property
+    def idle_bytes(self) -> int:
+        return sum(f.size for f in self._idle)
+
+    def close(self) -> None:
+        for shm in self._idle:
+            shm.unlink()
+        self._idle.clear()
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_cuda_ipc import DeviceBuffer
-from ..common.kv_transport import CUDA_IPC, SHM, KvLayout, KvReceiver, ShmFile, host_id
+from ..common.kv_transport import CUDA_IPC, SHM, KvLayout, KvReceiver, ShmPool, host_id
 from ..common.kv_wire import KvChunkData, prefill_method
 from ..common.registry import WorkerDirectory
 from ..common.request_context import outgoing_metadata
@@ -59,6 +59,7 @@ class DecodeWorker(Worker):
         self.kv_sources: Counter[str] = Counter()  # where prompt KV came from: shm, grpc, local
         self.sequences: set[Sequence] = set()  # streaming to a client through this worker
         self.migrations = Migrations(self, config.adopt_timeout_s)
+        self.shm_pool = ShmPool()  # shared-memory files offered to prefill workers on this host
         self._expiry_task: asyncio.Task | None = None
         self.metrics = DecodeMetrics(self)
 
@@ -171,6 +172,7 @@ class DecodeWorker(Worker):
             self.engine.stop()
         for ch in self._channels.values():
             await ch.close()
+        self.shm_pool.close()
         await super().on_stop()
 
 
@@ -308,7 +310,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         buffers = {}  # transport -> the buffer offered for it (this worker owns and frees them)
         if w.config.kv_transport == "auto" and request.prefill_host_id == host_id():
             size = cfg.kv_bytes_per_token(w.engine.cache.k[0].element_size()) * len(prompt)
-            buffers[SHM] = ShmFile.create(size, tag=str(seq.slot))
+            buffers[SHM] = w.shm_pool.take(size, tag=str(seq.slot))
             if w.engine.cache.device.type == "cuda":
                 buffers[CUDA_IPC] = DeviceBuffer.allocate(size, w.engine.cache.device)
         try:
@@ -353,6 +355,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             timings.kv_transfer_ms = (time.monotonic() - kv_start) * 1000
             w.metrics.kv_transfer.observe(timings.kv_transfer_ms / 1000)
             w.kv_sources[receiver.transport] += 1
+            if SHM in buffers:  # complete: no prefill writer can touch the file any more
+                w.shm_pool.give_back(buffers.pop(SHM))
         except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
             # blocks written so far are overwritten by the recompute (num_computed is unchanged)
             log.warning("decode.prefill_fallback", request_id=request.request_id, error=str(exc)[:200])

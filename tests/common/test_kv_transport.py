@@ -299,3 +299,20 @@ async def test_sender_drops_layers_after_close(tmp_path):
     sender.end()
     assert await sender.next_chunk() is None
     shm.unlink()
+
+
+def test_shm_pool_reuses_the_smallest_fitting_file_within_its_caps(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    pool = kt.ShmPool(max_files=2, max_bytes=10_000)
+    a, b = pool.take(4000, "a"), pool.take(2000, "b")
+    pool.give_back(a)
+    pool.give_back(b)
+    assert pool.take(1500, "c") is b and pool.take(1500, "d") is a  # smallest that fits first
+    c = pool.take(9000, "e")  # nothing idle fits: a new file
+    assert c.size == 9000 and len(list(tmp_path.iterdir())) == 3
+    pool.give_back(a)
+    pool.give_back(c)  # 4000 + 9000 > 10_000: unlinked, not kept
+    assert not c.path.exists() and pool.idle_bytes == 4000
+    pool.give_back(b)
+    pool.close()
+    assert not any(tmp_path.iterdir())

@@ -165,6 +165,7 @@ async def test_decode_worker_falls_back_and_frees_its_file_when_prefill_fails(st
                                                                             monkeypatch):
     decode = stack.decode[0]
     monkeypatch.setattr(kv_transport, "shm_dir", lambda: tmp_path)  # files of this test only (the host's are shared)
+    decode.shm_pool.close()  # no reused file from an earlier test
     offered = []
     local_before = decode.kv_sources["local"]
     client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
@@ -186,3 +187,19 @@ async def test_decode_worker_falls_back_and_frees_its_file_when_prefill_fails(st
             break
         await asyncio.sleep(0.02)
     assert decode.engine.slots.used == 0 and decode.engine.kv.num_used_blocks == 0
+
+
+async def test_decode_worker_reuses_its_file_after_a_complete_transfer(stack, tmp_path, monkeypatch):
+    decode = stack.decode[0]
+    monkeypatch.setattr(kv_transport, "shm_dir", lambda: tmp_path)
+    decode.shm_pool.close()
+    shm_before = decode.kv_sources["shm"]
+    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    files = []
+    for prompt in ("a first prompt for the shared file " * 3, "a shorter second one"):
+        await client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
+        files.append(sorted(tmp_path.iterdir()))
+    assert decode.kv_sources["shm"] == shm_before + 2
+    assert len(files[0]) == 1 and files[1] == files[0]  # the second prompt's KV went into the same file
+    decode.shm_pool.close()
+    assert not any(tmp_path.iterdir())
