@@ -20,7 +20,7 @@ class DecodeConfig(WorkerConfig):
     local_prefill_threshold: int = 0  # prompts shorter than this are prefilled here, not remotely
     migrate_on_drain: bool = True  # SIGTERM / Admin.Drain: hand running sequences to peers
     adopt_timeout_s: float = 30.0  # an adopted sequence nobody resumes within this is aborted
-    kv_transport: str = "auto"  # auto: shared memory with a prefill worker on this host, else gRPC bytes; grpc: always bytes
+    kv_transport: str = "auto"  # auto: CUDA IPC on the same GPU, shared memory on this host, else gRPC bytes; grpc: always bytes
 
     def validate(self) -> None:
         super().validate()

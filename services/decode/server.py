@@ -13,7 +13,9 @@ import structlog
 import torch
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
-from ..common.kv_transport import KvLayout, KvReceiver, ShmFile, host_id
+from ..common.kv_cuda_ipc import DeviceBuffer
+from ..common.kv_transport import CUDA_IPC, SHM, KvLayout, KvReceiver, ShmPool, host_id
+from ..common.kv_wire import KvChunkData, prefill_method
 from ..common.registry import WorkerDirectory
 from ..common.request_context import outgoing_metadata
 from ..common.tasks import spawn
@@ -57,6 +59,7 @@ class DecodeWorker(Worker):
         self.kv_sources: Counter[str] = Counter()  # where prompt KV came from: shm, grpc, local
         self.sequences: set[Sequence] = set()  # streaming to a client through this worker
         self.migrations = Migrations(self, config.adopt_timeout_s)
+        self.shm_pool = ShmPool()  # shared-memory files offered to prefill workers on this host
         self._expiry_task: asyncio.Task | None = None
         self.metrics = DecodeMetrics(self)
 
@@ -169,6 +172,7 @@ class DecodeWorker(Worker):
             self.engine.stop()
         for ch in self._channels.values():
             await ch.close()
+        self.shm_pool.close()
         await super().on_stop()
 
 
@@ -303,46 +307,63 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         w = self.worker
         cfg = w.runner.config
         prompt = seq.tokens[: seq.prompt_len]
-        shm = None
+        buffers = {}  # transport -> the buffer offered for it (this worker owns and frees them)
         if w.config.kv_transport == "auto" and request.prefill_host_id == host_id():
             size = cfg.kv_bytes_per_token(w.engine.cache.k[0].element_size()) * len(prompt)
-            shm = ShmFile.create(size, tag=str(seq.slot))
+            buffers[SHM] = w.shm_pool.take(size, tag=str(seq.slot))
+            if w.engine.cache.device.type == "cuda":
+                buffers[CUDA_IPC] = DeviceBuffer.allocate(size, w.engine.cache.device)
         try:
-            stub = pb_grpc.PrefillStub(w.channel(request.prefill_address))
+            prefill = prefill_method(w.channel(request.prefill_address))  # KV bytes arrive without copies
+            shm = buffers.get(SHM)
             target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path) if shm else "", shm_bytes=shm.size if shm else 0)
+            if CUDA_IPC in buffers:
+                target.cuda_ipc.CopyFrom(buffers[CUDA_IPC].export())
             sampling = sampling_to_proto(seq.params)
             sampling.seed = seq.seed  # the prefill worker draws token 0 from the same stream
-            call = stub.Prefill(pb.PrefillRequest(
+            call = prefill(pb.PrefillRequest(
                 request_id=request.request_id, prompt_token_ids=prompt, sampling=sampling, kv_target=target,
                 sampling_offset=seq.sampling_offset,
             ), metadata=outgoing_metadata(request.request_id))
             receiver = None
             kv_start = None
-            async for msg in call:
-                if msg.HasField("head"):
+            first = None
+            expected = (2, cfg.num_kv_heads, len(prompt), cfg.head_dim)
+            async for msg in call:  # head, then KV chunks (written per chunk) and the first token
+                kind = "kv" if isinstance(msg, KvChunkData) else msg.WhichOneof("kind")
+                if kind == "head":
+                    layout = KvLayout.from_proto(msg.head.layout)
+                    if layout.layer_shape != expected or layout.num_layers != cfg.num_layers:
+                        raise ValueError(f"prefill sent KV {layout}, this model needs {expected} x {cfg.num_layers}")
                     timings.prefill_queue_ms = msg.head.queue_ms
-                    timings.prefill_compute_ms = msg.head.compute_ms
-                    receiver = KvReceiver(KvLayout.from_proto(msg.head.layout), msg.head.transport, shm)
+                    receiver = KvReceiver(layout, msg.head.transport, buffers.get(msg.head.transport))
                     kv_start = time.monotonic()
-                    seq.tokens.append(msg.head.first_token_id)
-                    yield msg.head.first_token_id
-                    continue
-                for layer, kv in receiver.layers(msg.kv):
-                    w.engine.write_kv(seq, layer, kv)
-                    del kv
-            if receiver is None or not receiver.complete:
-                raise ConnectionError("prefill stream ended before the whole KV arrived")
+                elif kind == "first":
+                    timings.prefill_compute_ms = msg.first.compute_ms
+                    first = msg.first.token_id
+                    seq.tokens.append(first)
+                    yield first
+                elif receiver is None:
+                    raise ConnectionError("prefill sent KV before its head")
+                else:
+                    for layer, kv in receiver.layers(msg if isinstance(msg, KvChunkData) else msg.kv):
+                        w.engine.write_kv(seq, layer, kv)
+                        del kv
+            if receiver is None or not receiver.complete or first is None:
+                raise ConnectionError("prefill stream ended before the whole KV and the first token arrived")
             w.engine.kv_written(seq, len(prompt))
             timings.kv_transfer_ms = (time.monotonic() - kv_start) * 1000
             w.metrics.kv_transfer.observe(timings.kv_transfer_ms / 1000)
             w.kv_sources[receiver.transport] += 1
+            if SHM in buffers:  # complete: no prefill writer can touch the file any more
+                w.shm_pool.give_back(buffers.pop(SHM))
         except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
             # blocks written so far are overwritten by the recompute (num_computed is unchanged)
             log.warning("decode.prefill_fallback", request_id=request.request_id, error=str(exc)[:200])
             w.kv_sources["local"] += 1
         finally:
-            if shm is not None:
-                shm.unlink()
+            for buffer in buffers.values():
+                buffer.unlink()
 
 
 async def main(config: DecodeConfig) -> None:

@@ -14,6 +14,8 @@ import torch
 
 from .model_config import ModelConfig
 
+MAX_COPY_RUNS = 8  # PagedKvCache.write: beyond this many runs of consecutive blocks, one index_copy_
+
 
 class SlotPool:
     """Which slots are free. Thread-safe: the event loop reserves, the engine thread frees."""
@@ -102,10 +104,33 @@ class PagedKvCache:
         t = kv.shape[2]
         if start >= t:
             return
-        ids = self.slot_ids(table, start, t)
         kv = kv[:, :, start:].to(self.device, self.dtype)
-        self.k[layer].view(-1, *self.k[layer].shape[2:]).index_copy_(0, ids, kv[0].transpose(0, 1))
-        self.v[layer].view(-1, *self.v[layer].shape[2:]).index_copy_(0, ids, kv[1].transpose(0, 1))
+        k_flat = self.k[layer].view(-1, *self.k[layer].shape[2:])  # [slots, KVH, D]
+        v_flat = self.v[layer].view(-1, *self.v[layer].shape[2:])
+        runs = self._runs(table, start, t)
+        if len(runs) <= MAX_COPY_RUNS:  # a few slice copies: ~5x faster than index_copy_ on CPU (bf16)
+            for pos, slot, n in runs:
+                k_flat[slot : slot + n].copy_(kv[0, :, pos - start : pos - start + n].transpose(0, 1))
+                v_flat[slot : slot + n].copy_(kv[1, :, pos - start : pos - start + n].transpose(0, 1))
+            return
+        ids = self.slot_ids(table, start, t)
+        k_flat.index_copy_(0, ids, kv[0].transpose(0, 1))
+        v_flat.index_copy_(0, ids, kv[1].transpose(0, 1))
+
+    def _runs(self, table: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
+        """Positions [start, end) as (first position, first slot, length) runs of consecutive slots."""
+        runs: list[list[int]] = []
+        bs = self.block_size
+        for i in range(start // bs, (end - 1) // bs + 1):
+            lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
+            slot = table[i] * bs + lo - i * bs
+            if runs and runs[-1][1] + runs[-1][2] == slot:
+                runs[-1][2] += hi - lo
+            else:
+                runs.append([lo, slot, hi - lo])
+                if len(runs) > MAX_COPY_RUNS:
+                    break
+        return [tuple(r) for r in runs]
 
     def read(self, layer: int, table: list[int], n: int) -> torch.Tensor:
         """A sequence's K/V for positions [0, n) as one contiguous [2, KVH, n, D] tensor."""

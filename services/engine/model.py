@@ -187,11 +187,13 @@ class CausalLM(nn.Module):
         return self.lm_head(self.norm(h)).float()
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor):
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, on_layer=None):
         """tokens [B, T] right-padded, lengths [B].
 
         Returns logits at each prompt's last token [B, V] and, per layer, (k, v) each
         [B, KVH, T, D]; positions at or beyond a prompt's length are padding.
+        on_layer(i, k, v), if given, runs as soon as layer i's K/V exist, so a caller can ship
+        them while later layers compute.
         """
         b, t = tokens.shape
         positions = torch.arange(t, device=tokens.device).expand(b, t)
@@ -205,6 +207,8 @@ class CausalLM(nn.Module):
             x = layer.input_layernorm(h)
             q, k, v = layer.self_attn.project(x, cos, sin)
             kv.append((k, v))
+            if on_layer is not None:
+                on_layer(len(kv) - 1, k, v)
             h = h + layer.self_attn.attend(q, k, v, mask)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         last = h[torch.arange(b, device=tokens.device), lengths - 1]  # [B, hidden]

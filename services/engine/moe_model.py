@@ -128,13 +128,13 @@ class MoeCausalLM(CausalLM):
             block.remote = backend
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor):
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, on_layer=None):
         b, t = tokens.shape
         valid = (torch.arange(t, device=tokens.device)[None, :] < lengths[:, None]).reshape(-1)  # [B * T]
         for block in self.moe_blocks:
             block.valid = valid
         try:
-            return super().prefill(tokens, lengths)
+            return super().prefill(tokens, lengths, on_layer)
         finally:
             for block in self.moe_blocks:
                 block.valid = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,21 +37,29 @@ class ModelRunner:
         params: Sequence[SamplingParams],
         seeds: Sequence[int],
         offsets: Sequence[int] | None = None,
+        on_layer: Callable[[int, list[torch.Tensor]], None] | None = None,
     ) -> list[PrefillOutput]:
         """Run prompts as one right-padded micro-batch; sample each prompt's next token, which is
-        output token offsets[i] of its request (0 unless a request resumes elsewhere)."""
+        output token offsets[i] of its request (0 unless a request resumes elsewhere).
+
+        on_layer(i, kv), if given, gets layer i's KV for every prompt (kv[p] [2, KVH, n_p, D])
+        while later layers are still computing; it runs on this (the model) thread.
+        """
         lengths = [len(p) for p in prompts]
         tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        logits, kv = self.model.prefill(tokens.to(self.device), torch.tensor(lengths, device=self.device))
+        per_layer: list[list[torch.Tensor]] = []  # [layer][prompt] -> [2, KVH, n, D]
+
+        def split(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            # contiguous per prompt so it can be shipped as raw bytes
+            per_layer.append([torch.stack((k[i, :, :n], v[i, :, :n])) for i, n in enumerate(lengths)])
+            if on_layer is not None:
+                on_layer(layer, per_layer[-1])
+
+        logits, _ = self.model.prefill(tokens.to(self.device), torch.tensor(lengths, device=self.device), split)
         first = sample(logits, params, seeds, list(offsets) if offsets is not None else [0] * len(prompts))
-        outputs = []
-        for i, n in enumerate(lengths):
-            # [2, KVH, n, D] per layer, contiguous so it can be shipped as raw bytes
-            layers = [torch.stack((k[i, :, :n], v[i, :, :n])) for k, v in kv]
-            outputs.append(PrefillOutput(first[i], layers))
-        return outputs
+        return [PrefillOutput(first[i], [kv[i] for kv in per_layer]) for i in range(len(prompts))]
 
     def execute(self, work: Sequence[SeqWork], cache: PagedKvCache) -> list[int | None]:
         """One engine step over the paged cache: the next token of every item that samples

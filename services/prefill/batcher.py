@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import torch
 
 from ..common.stats import LatencyWindow, RateWindow
 from ..common.types import SamplingParams
@@ -25,6 +28,8 @@ class PrefillJob:
     seed: int
     future: asyncio.Future = field(repr=False)
     offset: int = 0  # output index of the token sampled here
+    # called on the model thread with (layer, KV [2, KVH, T, D]) as each layer is computed
+    on_kv: Callable[[int, torch.Tensor], None] | None = field(default=None, repr=False)
     enqueued_at: float = field(default_factory=time.monotonic)
     queue_ms: float = 0.0
     compute_ms: float = 0.0
@@ -81,6 +86,8 @@ class PrefillBatcher:
                 self._wakeup.clear()
                 continue
             start = time.monotonic()
+            for job in batch:  # known now, so the KV stream's head can carry it
+                job.queue_ms = (start - job.enqueued_at) * 1000
             try:
                 outputs = await loop.run_in_executor(self._executor, self._execute, batch)
             except Exception as exc:  # a model failure fails this batch, not the worker
@@ -92,14 +99,19 @@ class PrefillBatcher:
             self.batch_ms.add((done - start) * 1000)
             self.tokens_in.add(sum(len(j.prompt) for j in batch))
             for job, out in zip(batch, outputs):
-                job.queue_ms = (start - job.enqueued_at) * 1000
                 job.compute_ms = (done - start) * 1000
                 if not job.future.done():
                     job.future.set_result(out)
 
     def _execute(self, batch: list[PrefillJob]) -> list[PrefillOutput]:
+        def on_layer(layer: int, kv: list[torch.Tensor]) -> None:
+            for job, prompt_kv in zip(batch, kv):
+                if job.on_kv is not None:
+                    job.on_kv(layer, prompt_kv)
+
         return self.runner.prefill(
-            [j.prompt for j in batch], [j.params for j in batch], [j.seed for j in batch], [j.offset for j in batch]
+            [j.prompt for j in batch], [j.params for j in batch], [j.seed for j in batch], [j.offset for j in batch],
+            on_layer=on_layer,
         )
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Prefill worker: queues prompts, runs them in micro-batches, streams first token + KV."""
+"""Prefill worker: queues prompts, runs them in micro-batches, streams the KV layer by layer
+while later layers compute, and the first token as soon as the logits exist."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import grpc
 import structlog
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto
-from ..common.kv_transport import layout_of, send_chunks
+from ..common.kv_transport import KvSender, prompt_layout
+from ..common.kv_wire import add_prefill_servicer
 from ..common.runtime_config import RuntimeConfig
 from ..common.tasks import spawn
 from ..common.worker import Worker
@@ -33,7 +35,7 @@ class PrefillWorker(Worker):
         self.metrics = PrefillMetrics(self)
 
     def add_servicers(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_PrefillServicer_to_server(PrefillServicer(self), server)
+        add_prefill_servicer(PrefillServicer(self), server)  # KV bytes go out without protobuf copies
         self.add_admin(server)
 
     async def on_start(self) -> None:
@@ -92,35 +94,69 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             request.request_id, prompt, params, seed, asyncio.get_running_loop().create_future(),
             offset=request.sampling_offset,
         )
+        cfg = w.runner.config
+        layout = prompt_layout(w.runner.dtype, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, len(prompt))
+        target = request.kv_target if request.HasField("kv_target") else None
+        try:
+            sender = KvSender(layout, target, w.runner.device, asyncio.get_running_loop())
+        except (OSError, ValueError) as exc:  # the decode worker's buffer is gone or too small
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kv_target: {exc}")
+        job.on_kv = sender.put
+        job.future.add_done_callback(lambda _: sender.end())
         try:
             w.batcher.submit(job)
         except QueueFull as exc:
             w.metrics.requests.labels("overloaded").inc()
             context.set_trailing_metadata((("retry-after-ms", "200"),))
+            sender.close()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry in 200 ms or on another worker")
         w.active += 1
         w.metrics.requests.labels("admitted").inc()
         w.metrics.prompt_tokens.inc(len(prompt))
         try:
-            out = await job.future
-            w.metrics.queue_wait.observe(job.queue_ms / 1000)
-            w.metrics.compute.observe(job.compute_ms / 1000)
-            transport, chunks = send_chunks(out.kv, request.kv_target if request.HasField("kv_target") else None)
-            yield pb.PrefillChunk(
-                head=pb.PrefillHead(
-                    first_token_id=out.first_token,
-                    layout=layout_of(out.kv).to_proto(),
-                    transport=transport,
-                    queue_ms=job.queue_ms,
-                    compute_ms=job.compute_ms,
-                )
+            async for msg in self._stream(job, sender):
+                yield msg
+        except Exception as exc:  # the model or the KV copy failed: a status, never a silent end
+            log.warning("prefill.failed", request_id=request.request_id, error=repr(exc)[:200])
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"prefill failed after {sender.sent_layers} of {sender.layout.num_layers} KV layers: {exc!r}"[:500],
             )
-            for chunk in chunks:
-                yield pb.PrefillChunk(kv=chunk)
         finally:
             w.active -= 1
             if not job.future.done():
                 job.future.cancel()
+            sender.close()
+
+    async def _stream(self, job: PrefillJob, sender: KvSender):
+        """Head at the first layer, KV chunks as layers come out of the model, and the first
+        token as soon as it exists: ahead of KV chunks still waiting to be sent."""
+        w = self.worker
+        first_sent = False
+        chunk = await sender.next_chunk()
+        if chunk is not None:
+            yield pb.PrefillChunk(head=pb.PrefillHead(
+                layout=sender.layout.to_proto(), transport=sender.transport, queue_ms=job.queue_ms,
+            ))
+        while chunk is not None:
+            if not first_sent and _succeeded(job.future):
+                first_sent = True
+                yield self._first(job)
+            yield chunk  # encoded as PrefillChunk{kv} by kv_wire
+            chunk = await sender.next_chunk()
+        job.future.result()  # raises the model's error, if any
+        w.metrics.queue_wait.observe(job.queue_ms / 1000)
+        w.metrics.compute.observe(job.compute_ms / 1000)
+        if not first_sent:
+            yield self._first(job)
+
+    @staticmethod
+    def _first(job: PrefillJob) -> pb.PrefillChunk:
+        return pb.PrefillChunk(first=pb.PrefillFirst(token_id=job.future.result().first_token, compute_ms=job.compute_ms))
+
+
+def _succeeded(fut: asyncio.Future) -> bool:
+    return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 async def main(config: PrefillConfig) -> None:

@@ -147,14 +147,38 @@ class ResumeRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
 
 class KvTarget(_message.Message):
-    __slots__ = ("host_id", "shm_path", "shm_bytes")
+    __slots__ = ("host_id", "shm_path", "shm_bytes", "cuda_ipc")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     shm_path: str
     shm_bytes: int
-    def __init__(self, host_id: _Optional[str] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ...) -> None: ...
+    cuda_ipc: CudaIpcBuffer
+    def __init__(self, host_id: _Optional[str] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., cuda_ipc: _Optional[_Union[CudaIpcBuffer, _Mapping]] = ...) -> None: ...
+
+class CudaIpcBuffer(_message.Message):
+    __slots__ = ("device_uuid", "handle", "storage_bytes", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "nbytes")
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    device_uuid: str
+    handle: bytes
+    storage_bytes: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    nbytes: int
+    def __init__(self, device_uuid: _Optional[str] = ..., handle: _Optional[bytes] = ..., storage_bytes: _Optional[int] = ..., storage_offset: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_target", "sampling_offset")
@@ -181,18 +205,22 @@ class KvLayout(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., layer_shape: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class PrefillHead(_message.Message):
-    __slots__ = ("first_token_id", "layout", "transport", "queue_ms", "compute_ms")
-    FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("layout", "transport", "queue_ms")
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
-    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
-    first_token_id: int
     layout: KvLayout
     transport: str
     queue_ms: float
+    def __init__(self, layout: _Optional[_Union[KvLayout, _Mapping]] = ..., transport: _Optional[str] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+
+class PrefillFirst(_message.Message):
+    __slots__ = ("token_id", "compute_ms")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
     compute_ms: float
-    def __init__(self, first_token_id: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, _Mapping]] = ..., transport: _Optional[str] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, token_id: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("layer_start", "layer_end", "data", "shm_offset", "nbytes")
@@ -209,12 +237,14 @@ class KvChunk(_message.Message):
     def __init__(self, layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., data: _Optional[bytes] = ..., shm_offset: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class PrefillChunk(_message.Message):
-    __slots__ = ("head", "kv")
+    __slots__ = ("head", "kv", "first")
     HEAD_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
     head: PrefillHead
     kv: KvChunk
-    def __init__(self, head: _Optional[_Union[PrefillHead, _Mapping]] = ..., kv: _Optional[_Union[KvChunk, _Mapping]] = ...) -> None: ...
+    first: PrefillFirst
+    def __init__(self, head: _Optional[_Union[PrefillHead, _Mapping]] = ..., kv: _Optional[_Union[KvChunk, _Mapping]] = ..., first: _Optional[_Union[PrefillFirst, _Mapping]] = ...) -> None: ...
 
 class RuntimeConfig(_message.Message):
     __slots__ = ("max_batch_size", "max_concurrency", "prefill_chunk_size", "local_prefill_threshold", "version")

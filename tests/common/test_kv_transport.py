@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
 from services.common import kv_transport as kt
 from services.common.kv_transport import GRPC, SHM, KvLayout, KvReceiver, ShmFile, host_id, layout_of, send_chunks
+from services.common.kv_wire import decode_prefill_chunk, encode_prefill_chunk
 from services.proto import inference_pb2 as pb
 
 NUM_LAYERS = 5
@@ -219,3 +222,97 @@ def test_grpc_chunk_with_short_data_raises_value_error():
     receiver = KvReceiver(layout_of(layers), GRPC, None)
     with pytest.raises(ValueError):
         list(receiver.layers(truncated))
+
+
+# ---- KvSender: layers handed over by a model thread, chunks taken by the event loop ----
+
+
+async def _put_from_thread(sender, items) -> None:
+    def work():
+        for layer, kv in items:
+            sender.put(layer, kv)  # never raises into the model thread
+
+    await asyncio.to_thread(work)
+    await asyncio.sleep(0)  # let the call_soon_threadsafe callbacks run
+
+
+async def _drain(sender) -> list[pb.KvChunk]:
+    out = []
+    while (chunk := await sender.next_chunk()) is not None:
+        out.append(chunk)
+    return out
+
+
+async def test_sender_groups_ready_layers_up_to_the_chunk_size(small_chunks):
+    layers = _layers(torch.bfloat16)
+    small_chunks(layers)
+    sender = kt.KvSender(layout_of(layers), None, torch.device("cpu"), asyncio.get_running_loop())
+    assert sender.transport == GRPC
+    await _put_from_thread(sender, enumerate(layers))
+    sender.end()
+    wire = [decode_prefill_chunk(encode_prefill_chunk(c)) for c in await _drain(sender)]  # as sent and received
+    messages, got = _receive(layers, GRPC, wire)
+    assert [(m.layer_start, m.layer_end) for m in messages] == [(0, 2), (2, 4), (4, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(got, layers))
+    assert sender.sent_layers == NUM_LAYERS
+
+
+async def test_sender_sends_a_layer_as_soon_as_it_is_handed_over(tmp_path):
+    layers = _layers(torch.float32)
+    layout = layout_of(layers)
+    shm = ShmFile(tmp_path / "kv", layout.total_bytes, create=True)
+    target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path), shm_bytes=shm.size)
+    sender = kt.KvSender(layout, target, torch.device("cpu"), asyncio.get_running_loop())
+    receiver = KvReceiver(layout, SHM, shm)
+    try:
+        assert sender.transport == SHM
+        for i, layer in enumerate(layers):  # one layer at a time: nothing waits for the rest
+            await _put_from_thread(sender, [(i, layer)])
+            chunk = await asyncio.wait_for(sender.next_chunk(), 5)
+            assert (chunk.layer_start, chunk.layer_end, chunk.shm_offset) == (i, i + 1, i * layout.layer_bytes)
+            [(index, tensor)] = list(receiver.layers(chunk))
+            assert index == i and torch.equal(tensor, layer)
+        sender.end()
+        assert await sender.next_chunk() is None and receiver.complete
+    finally:
+        sender.close()
+        shm.unlink()
+
+
+async def test_sender_keeps_a_put_failure_for_the_event_loop():
+    layers = _layers(torch.float32)
+    sender = kt.KvSender(layout_of(layers), None, torch.device("cpu"), asyncio.get_running_loop())
+    await _put_from_thread(sender, [(0, layers[0]), (2, layers[2]), (3, layers[3])])  # layer 1 skipped
+    sender.end()
+    with pytest.raises(ValueError, match="KV layer 2 handed over, expected layer 1"):
+        await sender.next_chunk()  # the stream fails now: no point sending what is left
+
+
+async def test_sender_drops_layers_after_close(tmp_path):
+    layers = _layers(torch.float32)
+    layout = layout_of(layers)
+    shm = ShmFile(tmp_path / "kv", layout.total_bytes, create=True)
+    target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path), shm_bytes=shm.size)
+    sender = kt.KvSender(layout, target, torch.device("cpu"), asyncio.get_running_loop())
+    sender.close()  # the request went away while the batch still computes
+    await _put_from_thread(sender, enumerate(layers))
+    sender.end()
+    assert await sender.next_chunk() is None
+    shm.unlink()
+
+
+def test_shm_pool_reuses_the_smallest_fitting_file_within_its_caps(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    pool = kt.ShmPool(max_files=2, max_bytes=10_000)
+    a, b = pool.take(4000, "a"), pool.take(2000, "b")
+    pool.give_back(a)
+    pool.give_back(b)
+    assert pool.take(1500, "c") is b and pool.take(1500, "d") is a  # smallest that fits first
+    c = pool.take(9000, "e")  # nothing idle fits: a new file
+    assert c.size == 9000 and len(list(tmp_path.iterdir())) == 3
+    pool.give_back(a)
+    pool.give_back(c)  # 4000 + 9000 > 10_000: unlinked, not kept
+    assert not c.path.exists() and pool.idle_bytes == 4000
+    pool.give_back(b)
+    pool.close()
+    assert not any(tmp_path.iterdir())

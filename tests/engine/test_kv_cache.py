@@ -170,3 +170,23 @@ def test_block_bytes_and_budget():
     per_token = cfg.kv_bytes_per_token(2)  # 2 * layers * KVH * D * 2 bytes
     assert PagedKvCache.block_bytes(cfg, 16, torch.bfloat16) == 16 * per_token == 16 * 2 * 3 * 2 * 4 * 2
     assert kv_budget_bytes(torch.device("cpu"), 12345, 0.5) == 12345
+
+
+@pytest.mark.parametrize("start", [0, 3, 9])
+def test_paged_write_by_slice_runs_equals_index_copy(monkeypatch, start):
+    """Consecutive blocks are written as one slice copy; many runs fall back to index_copy_."""
+    from services.engine import kv_cache
+
+    cfg = _config()
+    table = [2, 3, 4, 9, 10, 0, 6]  # runs: blocks 2-4, 9-10, 0, 6
+    kv = torch.randn(2, 2, 26, 4)
+    probe = PagedKvCache(cfg, num_blocks=12, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    assert [n for _, _, n in probe._runs(table, start, 26)] == [12 - start, 8, 4, 2]
+    caches = []
+    for max_runs in (8, 1):
+        monkeypatch.setattr(kv_cache, "MAX_COPY_RUNS", max_runs)
+        cache = PagedKvCache(cfg, num_blocks=12, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+        cache.write(layer=1, table=table, kv=kv, start=start)
+        caches.append(cache)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+    assert torch.equal(caches[0].read(1, table, 26)[:, :, start:], kv[:, :, start:])
