@@ -19,7 +19,7 @@ from services.common.kv_transport import GRPC, SHM, KvLayout, KvReceiver, ShmFil
 from services.common.convert import sampling_from_proto
 from services.proto import inference_pb2 as pb
 from services.proto import inference_pb2_grpc as pb_grpc
-from tests.pipeline.test_correctness import reference_tokens
+from tests.conftest import greedy_reference
 from tests.stack import start_stack
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -177,7 +177,7 @@ async def test_decode_worker_falls_back_and_frees_its_file_when_prefill_fails(st
         )
     finally:
         handle.remove()
-    expected = await asyncio.to_thread(reference_tokens, tiny_model, [prompt], [8])
+    expected = await asyncio.to_thread(greedy_reference, tiny_model, [prompt], [8])
     assert resp.choices[0].model_extra["token_ids"] == expected[0]  # computed locally instead
     assert decode.kv_sources["local"] == local_before + 1
     assert len(offered) == 1 and offered[0].name.startswith("elastune-kv-")  # the prefill wrote into it
