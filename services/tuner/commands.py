@@ -60,7 +60,8 @@ def _profile(args: argparse.Namespace) -> int:
         context_lens=_ints(args.context_lens) if args.context_lens else defaults.context_lens,
         experts_micro_batches=(_ints(args.experts_micro_batches) if args.experts_micro_batches
                                else defaults.experts_micro_batches),
-        experts_call_tokens=_ints(args.experts_call_tokens) if args.experts_call_tokens else defaults.experts_call_tokens,
+        experts_call_tokens=(_ints(args.experts_call_tokens) if args.experts_call_tokens
+                             else defaults.experts_call_tokens),
         shares=_floats(args.shares) if args.shares else (),
         epsilon=args.epsilon,
     )

@@ -35,8 +35,8 @@ class TunerConfig:
         for name in ("interval_s", "slo_prefill_ms", "slo_decode_ms", "backlog_drain_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("slo_experts_ms", "hysteresis", "min_dwell_s", "settle_s", "observe_interval_s", "explore_interval_s",
-                     "explore_s", "explore_margin"):
+        for name in ("slo_experts_ms", "hysteresis", "min_dwell_s", "settle_s", "observe_interval_s",
+                     "explore_interval_s", "explore_s", "explore_margin"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.share <= 1:

@@ -8,7 +8,8 @@ from tests.scaler.test_server import publish, ref, report, serving, value_of
 
 
 def point(share: float, micro_batch: int, thr: float, p95: float) -> ProfilePoint:
-    return ProfilePoint(model="tiny", stage="experts", device="cpu", share=share, config={"max_batch_size": micro_batch},
+    return ProfilePoint(model="tiny", stage="experts", device="cpu", share=share,
+                        config={"max_batch_size": micro_batch},
                         throughput_tokens_per_s=thr, latency_p50_ms=p95, latency_p95_ms=p95,
                         workload={"call_tokens": 256})
 

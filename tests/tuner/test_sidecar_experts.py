@@ -39,8 +39,10 @@ def point(model: str, share: float, micro_batch: int, thr: float, p95: float, ca
 def rows(model: str) -> list[ProfilePoint]:
     # At half the device the 256-token micro-batch holds it 30 ms (over the 10 ms SLO); at the
     # whole device 9 ms. Decode rows of the same model must not leak into the experts choice.
-    return [point(model, 0.5, 16, 4000.0, 3.0), point(model, 0.5, 64, 9000.0, 8.0), point(model, 0.5, 256, 20000.0, 30.0),
-            point(model, 1.0, 16, 5000.0, 2.0), point(model, 1.0, 64, 12000.0, 5.0), point(model, 1.0, 256, 30000.0, 9.0),
+    return [point(model, 0.5, 16, 4000.0, 3.0), point(model, 0.5, 64, 9000.0, 8.0),
+            point(model, 0.5, 256, 20000.0, 30.0),
+            point(model, 1.0, 16, 5000.0, 2.0), point(model, 1.0, 64, 12000.0, 5.0),
+            point(model, 1.0, 256, 30000.0, 9.0),
             ProfilePoint(model=model, stage="decode", device="cpu", share=0.5, config={"max_batch_size": 999},
                          throughput_tokens_per_s=1e9, latency_p50_ms=1.0, latency_p95_ms=1.0,
                          workload={"context_len": 64})]
@@ -95,7 +97,8 @@ def experts_report(micro_batch: int, calls: int = 0, in_flight: int = 0, rate: f
 
 def test_policy_reads_experts_load_workload_and_slo() -> None:
     table = TuningTable()
-    for p in rows("m") + [point("m", 0.5, 16, 4100.0, 3.0, call_tokens=32), point("m", 0.5, 32, 6000.0, 4.0, call_tokens=32)]:
+    small_calls = [point("m", 0.5, 16, 4100.0, 3.0, call_tokens=32), point("m", 0.5, 32, 6000.0, 4.0, call_tokens=32)]
+    for p in rows("m") + small_calls:
         table.add(p)
     settings = TunerConfig(worker="w:1", **FAST)
     # Calls of ~30 routed tokens in flight: the call_tokens=32 rows decide (micro-batch 32).
