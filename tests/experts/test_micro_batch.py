@@ -148,11 +148,11 @@ async def test_hot_swaps_under_concurrent_forward_calls_fail_none_and_change_no_
 
 
 async def test_a_small_call_passes_a_long_call_cut_into_micro_batches(tiny_moe_model) -> None:
-    # Each routed token holds the model thread 0.5 ms (an emulated device): the long call's 800
-    # pairs take 0.4 s. Uncut, a call arriving just after waits all of that; cut into 50-pair
-    # micro-batches, it is served between two of them and finishes first.
+    # Each routed token holds the model thread 1 ms (an emulated device): the long call's 800
+    # pairs take 0.8 s. Uncut, a call arriving 0.15 s later waits all of that; cut into 50-pair
+    # micro-batches (50 ms each), it is served between two of them and finishes first.
     worker = ExpertsWorker(ExpertsConfig(model_dir=str(tiny_moe_model), host="127.0.0.1", port=0,
-                                         service_us_per_token=500.0))
+                                         service_us_per_token=1000.0))
     await worker.start()
     try:
         long_call, short_call = routed_call(400, seed=1), routed_call(2, seed=2)
@@ -168,7 +168,7 @@ async def test_a_small_call_passes_a_long_call_cut_into_micro_batches(tiny_moe_m
                     await forward(stub, call)
                     order.append(name)
 
-                await asyncio.gather(run("long", long_call, 0.0), run("short", short_call, 0.1))
+                await asyncio.gather(run("long", long_call, 0.0), run("short", short_call, 0.15))
                 return order
 
             assert await race() == ["long", "short"]
