@@ -79,13 +79,17 @@ def test_probe_processes_profile_the_tiny_moe_experts_into_the_store(tmp_path, t
                                                                      capsys) -> None:
     prefix = f"test-profile-{uuid.uuid4().hex[:8]}"
     out, report = tmp_path / "table.json", tmp_path / "report.json"
-    code = cli_main(["profile", "--model", str(tiny_moe_model), "--stages", "experts", "--shares", "0.5",
+    # No --stages: an MoE model directory gets the experts stage beside prefill and decode.
+    code = cli_main(["profile", "--model", str(tiny_moe_model), "--shares", "0.5", "--prefill-batches", "1",
+                     "--prompt-lens", "8", "--decode-batches", "1", "--context-lens", "8",
                      "--experts-micro-batches", "4,64", "--experts-call-tokens", "64", "--reps", "3",
                      "--out", str(out), "--report", str(report), "--store", store_url, "--prefix", prefix])
     assert code == 0
     printed = capsys.readouterr().out
     assert "experts  call_tokens=64" in printed
-    points = TuningTable.import_file(str(out)).all_points()
+    everything = TuningTable.import_file(str(out)).all_points()
+    assert {p.stage for p in everything} == {"prefill", "decode", "experts"}
+    points = [p for p in everything if p.stage == "experts"]
     assert {(p.stage, p.batch, p.share) for p in points} == {("experts", 4, 0.5), ("experts", 64, 0.5)}
     for p in points:
         assert (p.model, p.device, p.source, p.workload) == (tiny_moe_model.name, "cpu", "profile", {"call_tokens": 64})
@@ -95,10 +99,10 @@ def test_probe_processes_profile_the_tiny_moe_experts_into_the_store(tmp_path, t
     # 64-token pass, but each holds the device for less time.
     assert at_half[64].throughput_tokens_per_s > at_half[4].throughput_tokens_per_s
     assert at_half[4].latency_p50_ms < at_half[64].latency_p50_ms
-    knees = json.loads(report.read_text())["knees"]
+    knees = [k for k in json.loads(report.read_text())["knees"] if k["stage"] == "experts"]
     assert sorted((k["stage"], k["batch"]) for k in knees) == [("experts", 4), ("experts", 64)]
     assert all(k["knee"] == 0.5 and k["measured_shares"] == [0.5] for k in knees)  # one share: one process
-    assert "cost: 2 measurements in 1 processes" in printed
+    assert "cost: 4 measurements in 1 processes" in printed
 
     async def stored():
         store = connect(store_url)
@@ -109,7 +113,7 @@ def test_probe_processes_profile_the_tiny_moe_experts_into_the_store(tmp_path, t
 
     table = asyncio.run(stored())
     assert table.shares(tiny_moe_model.name, "experts", "cpu") == [0.5]
-    assert sorted(p.row_key() for p in table.all_points()) == sorted(p.row_key() for p in points)
+    assert len(table.all_points()) == len(everything) == 4
 
 
 def test_experts_stage_needs_an_moe_model(capsys) -> None:
