@@ -61,11 +61,14 @@ def split(call: ExpertCall, max_routed: int) -> list[Piece]:
     return pieces
 
 
-def compute(call: ExpertCall, expert: ExpertPair, dtype: torch.dtype) -> torch.Tensor:
-    """The weighted expert outputs of one call or piece, [N, H] in the call's dtype."""
-    out = mix_experts(call.x.to(dtype), call.token_index, call.expert_ids, call.weights,
+def compute(call: ExpertCall, expert: ExpertPair, dtype: torch.dtype,
+            device: torch.device | None = None) -> torch.Tensor:
+    """The weighted expert outputs of one call or piece, [N, H] in the call's dtype and on its
+    device; computed in `dtype` on `device` (the experts' own; default: the call's)."""
+    on = device or call.x.device
+    out = mix_experts(call.x.to(on, dtype), call.token_index.to(on), call.expert_ids.to(on), call.weights.to(on),
                       lambda e: expert(call.layer, e))
-    return out.to(call.x.dtype)
+    return out.to(call.x.device, call.x.dtype)
 
 
 def assemble(call: ExpertCall, pieces: list[Piece], outputs: list[torch.Tensor]) -> torch.Tensor:

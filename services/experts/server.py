@@ -146,7 +146,7 @@ class ExpertsWorker(Worker):
     def _compute(self, call: ExpertCall) -> tuple[torch.Tensor, float]:
         """One piece on the model thread; returns its output and its milliseconds."""
         start = time.perf_counter()
-        out = compute(call, self.experts.get, self.experts.dtype)
+        out = compute(call, self.experts.get, self.experts.dtype, self.experts.device)
         hold = self.config.service_us_per_token * call.expert_ids.numel() / 1e6 - (time.perf_counter() - start)
         if hold > 0:
             time.sleep(hold)  # emulated device time (benchmarks); this thread is the device, so calls queue

@@ -135,7 +135,7 @@ def _decode(runner, item: ProbeItem, warmup: int, reps: int) -> Measurement:
 
 def _experts_call(experts, top_k: int, routed: int):
     """A Forward call of `routed` routed tokens (routed // top_k tokens, top_k distinct experts
-    each, drawn uniformly with a fixed seed) at layer 0, as a prefill or decode worker sends it."""
+    each, drawn uniformly with a fixed seed) at layer 0, in host memory as the server parses it."""
     import torch
 
     from ..engine.moe_model import pairs
@@ -143,7 +143,7 @@ def _experts_call(experts, top_k: int, routed: int):
 
     gen = torch.Generator().manual_seed(routed)
     n = max(1, routed // top_k)
-    x = torch.randn(n, experts.hidden_size, generator=gen).to(experts.dtype).to(experts.device)  # [N, H]
+    x = torch.randn(n, experts.hidden_size, generator=gen).to(experts.dtype)  # [N, H]
     scores = torch.rand(n, experts.num_experts, generator=gen)
     top = scores.topk(top_k, dim=-1)  # [N, K]
     token_index, expert_ids, weights = pairs(top.indices, torch.softmax(top.values, dim=-1))
@@ -164,7 +164,7 @@ def _experts(moe, item: ProbeItem, warmup: int, reps: int) -> Measurement:
         outputs = []
         for piece in pieces:
             start = time.perf_counter()
-            outputs.append(compute(piece.call, experts.get, experts.dtype))
+            outputs.append(compute(piece.call, experts.get, experts.dtype, experts.device))
             sync()
             if rep >= warmup:
                 steps.append((time.perf_counter() - start) * 1000)
