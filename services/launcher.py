@@ -62,7 +62,7 @@ class Stack:
         self._lock = threading.Lock()
 
     def _spawn(self, role: str, env: dict[str, str]) -> None:
-        tuned = self.opts.tune and role in ("prefill", "decode")
+        tuned = self.opts.tune and (role in ("prefill", "decode") or role.startswith("experts/"))
         if tuned:  # the sidecar must know where its worker listens
             env = {**env, "ELASTUNE_PORT": str(free_port())}
         full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}

@@ -13,6 +13,10 @@ class ExpertsConfig(WorkerConfig):
     expert_group: str = "g0"  # the expert group this server serves (its Deployment); registers as stage experts/<group>
     num_groups: int = 1  # groups of the initial even placement, written if the store has none
     max_tokens_per_call: int = 65536  # rows of one Forward call; more is INVALID_ARGUMENT
+    # The initial expert micro-batch (runtime max_batch_size, which the tuner sidecar changes):
+    # the most routed tokens one expert pass computes; larger calls are cut (micro_batch.py).
+    # 0: max_tokens_per_call.
+    micro_batch_tokens: int = 0
     # Synthetic experts (no MoE checkpoint): this many seeded random FFNs of the sizes below, for
     # a dense model's extra expert workload (services/experts/synthetic.py). 0: read model_dir.
     synthetic_experts: int = 0
@@ -31,6 +35,8 @@ class ExpertsConfig(WorkerConfig):
             raise ValueError(f"num_groups must be >= 1, got {self.num_groups}")
         if self.max_tokens_per_call < 1:
             raise ValueError(f"max_tokens_per_call must be >= 1, got {self.max_tokens_per_call}")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"micro_batch_tokens must be >= 0 (0: max_tokens_per_call), got {self.micro_batch_tokens}")
         if self.synthetic_experts < 0 or self.service_us_per_token < 0:
             raise ValueError("synthetic_experts and service_us_per_token must be >= 0")
 

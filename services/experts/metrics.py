@@ -20,6 +20,8 @@ class ExpertsMetrics:
         self.requests = Counter("elastune_experts_forward_requests", "Experts.Forward calls", ["group"], registry=r)
         self.forward = Histogram("elastune_experts_forward_seconds", "Experts.Forward service time", ["group"],
                                  buckets=QUEUE_BUCKETS, registry=r)
+        self.micro_batches = Counter("elastune_experts_micro_batches",
+                                     "Expert micro-batches computed (pieces of calls)", ["group"], registry=r)
         self.batch_tokens = Histogram("elastune_experts_batch_tokens", "Tokens per Experts.Forward call", ["group"],
                                       buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384), registry=r)
         self.in_flight = Gauge("elastune_experts_in_flight", "Experts.Forward calls being served", ["group"],

@@ -5,6 +5,12 @@ load report is its group's scaling signal: tokens routed in per second (`prompt_
 tokens in calls right now (`queued_tokens`), calls in flight (`queue_len`). Expert FFNs run on
 one model thread (one device); the event loop only parses, queues and answers. Tokens computed
 per expert are added to `keys.expert_tokens` in the store every report interval (the skew).
+
+Runtime config (Admin Get/SetConfig, the tuner sidecar's knob): `max_batch_size` is the expert
+micro-batch, the most routed tokens one expert pass computes (micro_batch.py). A call reads it
+once when it starts, so a change applies from the next call and never alters one in flight.
+The model thread queues pieces, not calls: a long call's pieces interleave with other calls'.
+The load report's step latency (step_ms_p50/p95) is per piece: how long the device is held.
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ from ..common.stats import LatencyWindow, RateWindow
 from ..common.tasks import spawn
 from ..common.worker import Worker
 from ..engine.loader import resolve_dtype
-from ..engine.moe_model import mix_experts
 from ..engine.tiny_moe import ensure_tiny_moe_model
 from ..proto import experts_pb2 as pb
 from ..proto import experts_pb2_grpc as pb_grpc
 from .config import ExpertsConfig
 from .metrics import ExpertsMetrics
+from .micro_batch import assemble, compute, split
 from .placement import Placement, stage_of
 from .placement_store import ensure_placement
 from .weights import CheckpointExperts, SyntheticExperts
@@ -42,13 +48,14 @@ class ExpertsWorker(Worker):
     name = "experts"
 
     def __init__(self, config: ExpertsConfig):
-        super().__init__(config, RuntimeConfig(max_batch_size=1, max_concurrency=1))
+        micro_batch = config.micro_batch_tokens or config.max_tokens_per_call
+        super().__init__(config, RuntimeConfig(max_batch_size=micro_batch, max_concurrency=1))
         self.stage = stage_of(config.expert_group)
         self.experts: CheckpointExperts | SyntheticExperts | None = None
         self.placement: Placement | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experts-model")
         self.tokens_in = RateWindow()
-        self.call_ms = LatencyWindow()
+        self.step_ms = LatencyWindow()  # one piece (micro-batch) each: the step latency
         self.in_flight_calls = 0
         self.in_flight_tokens = 0
         self._unpublished: Counter[int] = Counter()
@@ -101,18 +108,30 @@ class ExpertsWorker(Worker):
             queue_len=self.in_flight_calls,
             queued_tokens=self.in_flight_tokens,
             prompt_tokens_per_s=self.tokens_in.rate(),
-            step_ms_p50=self.call_ms.percentile(50),
-            step_ms_p95=self.call_ms.percentile(95),
+            step_ms_p50=self.step_ms.percentile(50),
+            step_ms_p95=self.step_ms.percentile(95),
         )
 
     async def forward(self, call: ExpertCall) -> tuple[torch.Tensor, float]:
         pairs = int(call.expert_ids.numel())
+        micro_batch = self.runtime.max_batch_size  # as of now, for the whole call
         self.in_flight_calls += 1
         self.in_flight_tokens += pairs
         group, m = self.config.expert_group, self.metrics
         m.in_flight.labels(group).inc()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._compute, call)
+            loop = asyncio.get_running_loop()
+            # Cutting sorts the pairs: off the event loop when there is something to cut.
+            pieces = (split(call, micro_batch) if pairs <= micro_batch
+                      else await loop.run_in_executor(self._executor, split, call, micro_batch))
+            outputs, total_ms = [], 0.0
+            for piece in pieces:
+                y, ms = await loop.run_in_executor(self._executor, self._compute, piece.call)
+                outputs.append(y)
+                total_ms += ms
+            m.micro_batches.labels(group).inc(len(pieces))
+            m.forward.labels(group).observe(total_ms / 1000)
+            return assemble(call, pieces, outputs), total_ms
         finally:
             self.in_flight_calls -= 1
             self.in_flight_tokens -= pairs
@@ -125,16 +144,15 @@ class ExpertsWorker(Worker):
             m.routed(group, routed)
 
     def _compute(self, call: ExpertCall) -> tuple[torch.Tensor, float]:
+        """One piece on the model thread; returns its output and its milliseconds."""
         start = time.perf_counter()
-        out = mix_experts(call.x.to(self.experts.dtype), call.token_index, call.expert_ids, call.weights,
-                          lambda e: self.experts.get(call.layer, e))
+        out = compute(call, self.experts.get, self.experts.dtype, self.experts.device)
         hold = self.config.service_us_per_token * call.expert_ids.numel() / 1e6 - (time.perf_counter() - start)
         if hold > 0:
             time.sleep(hold)  # emulated device time (benchmarks); this thread is the device, so calls queue
         ms = (time.perf_counter() - start) * 1000
-        self.call_ms.add(ms)
-        self.metrics.forward.labels(self.config.expert_group).observe(ms / 1000)
-        return out.to(call.x.dtype), ms
+        self.step_ms.add(ms)
+        return out, ms
 
     async def _publish_tokens(self) -> None:
         key = keys.expert_tokens(self.config.store_prefix)

@@ -4,7 +4,9 @@ profiles the stage's model on its device, else the trigger's tokensPerSecondPerP
 The table is re-read only when its version moved (one HGET per decision otherwise). The share
 planned with is the smallest among the stage's live pods (plan for the weakest pod), and the
 SLO the capacity must meet is the trigger's: sloItlSeconds for decode (a decode step is one
-inter-token gap), sloTtftSeconds for prefill (a micro-batch is the compute part of TTFT).
+inter-token gap), sloTtftSeconds for prefill (a micro-batch is the compute part of TTFT), and
+sloItlSeconds for an expert group (`experts/<group>`, whose table rows are the "experts" ones:
+one expert micro-batch holds up every decode step that routes tokens to the group).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import structlog
 
 from ..common import keys
 from ..tuner.capacity import TableCapacity, resolve_device
-from ..tuner.table import TuningTable
+from ..tuner.table import TuningTable, table_stage
 from .signal_source import StageView
 from .signals import StagePolicyConfig
 
@@ -50,11 +52,12 @@ class TableCapacitySource:
         table = await self._table(prefix)
         if table is None:
             return policy
-        device = resolve_device(table, view.model, policy.stage, view.device)
-        if not table.shares(view.model, policy.stage, device):
+        stage = table_stage(policy.stage)
+        device = resolve_device(table, view.model, stage, view.device)
+        if not table.shares(view.model, stage, device):
             return policy
-        slo_s = policy.slo_ttft_s if policy.stage == "prefill" else policy.slo_itl_s
+        slo_s = policy.slo_ttft_s if stage == "prefill" else policy.slo_itl_s
         fallback = policy.pod_tokens_per_s()
-        capacity = TableCapacity(table, view.model, policy.stage, device,
+        capacity = TableCapacity(table, view.model, stage, device,
                                  slo_s * 1000.0 if slo_s else math.inf, fallback)
         return replace(policy, tokens_per_s_per_pod=capacity, gpu_share=min(view.shares))

@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .table import TuningTable
+from .table import TuningTable, table_stage
 
 
 def resolve_device(table: TuningTable, model: str, stage: str, reported: str) -> str:
     """The table's device key for a worker that reports `reported` ("cpu", "cuda", "cuda:0"):
     "cpu" for a CPU worker; for a GPU worker, the GPU the table has for this model and stage
-    (workers report the torch device, the profiler the GPU's name)."""
+    (workers report the torch device, the profiler the GPU's name). `stage` may be a worker's
+    (experts/<group>)."""
     if reported == "cpu" or not reported:
         return "cpu"
+    stage = table_stage(stage)
     gpus = [d for m, s, d in table.groups() if m == model and s == stage and d != "cpu"]
     return gpus[0] if gpus else reported
 

@@ -38,18 +38,30 @@ async def _with_store(url: str, fn):
 
 
 def _profile(args: argparse.Namespace) -> int:
+    from ..engine.moe_config import is_moe_dir
     from ..engine.tiny import ensure_tiny_model
     from .profiler import ProfileGrid, SubprocessProbe, device_kind, format_report, profile
     from .shares import MpsDaemon, ShareMechanism
     from .table import TuningTable
 
     defaults = ProfileGrid()
+    model_dir = str(Path(args.model).resolve()) if args.model else ""  # empty: the (dense) tiny model
+    moe = bool(model_dir) and is_moe_dir(model_dir)
+    stages = tuple(s for s in args.stages.split(",") if s) or defaults.stages + (("experts",) if moe else ())
+    if "experts" in stages and not moe:
+        print(f"elastune profile: stage experts needs an MoE model directory (--model), not "
+              f"{model_dir or 'the dense tiny model'}", file=sys.stderr)
+        return 2
     grid = ProfileGrid(
-        stages=tuple(s for s in args.stages.split(",") if s),
+        stages=stages,
         prefill_batches=_ints(args.prefill_batches) if args.prefill_batches else defaults.prefill_batches,
         prompt_lens=_ints(args.prompt_lens) if args.prompt_lens else defaults.prompt_lens,
         decode_batches=_ints(args.decode_batches) if args.decode_batches else defaults.decode_batches,
         context_lens=_ints(args.context_lens) if args.context_lens else defaults.context_lens,
+        experts_micro_batches=(_ints(args.experts_micro_batches) if args.experts_micro_batches
+                               else defaults.experts_micro_batches),
+        experts_call_tokens=(_ints(args.experts_call_tokens) if args.experts_call_tokens
+                             else defaults.experts_call_tokens),
         shares=_floats(args.shares) if args.shares else (),
         epsilon=args.epsilon,
     )
@@ -58,7 +70,7 @@ def _profile(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"elastune profile: {exc}", file=sys.stderr)
         return 2
-    model_dir = str(Path(args.model).resolve()) if args.model else str(ensure_tiny_model())
+    model_dir = model_dir or str(ensure_tiny_model())
     model = model_dir.rstrip("/").rsplit("/", 1)[-1]
     mechanism = ShareMechanism.for_device(args.device)
     shares = list(grid.shares) or mechanism.grid(args.share_step)
@@ -145,11 +157,15 @@ def add_commands(sub) -> None:
     p.add_argument("--model", default="", help="Hugging Face model directory (default: the tiny model)")
     p.add_argument("--device", default="cpu", help="cpu (shares: threads + affinity) or cuda[:N] (shares: MPS)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--stages", default="prefill,decode")
+    p.add_argument("--stages", default="", help="some of prefill,decode,experts (default: prefill,decode, "
+                                                "and experts for an MoE model)")
     p.add_argument("--prefill-batches", default="", help="micro-batch sizes, e.g. 1,2,4,8")
     p.add_argument("--prompt-lens", default="", help="prompt lengths, e.g. 32,128")
     p.add_argument("--decode-batches", default="", help="decode batch sizes (= max concurrency), e.g. 1,4,16,64")
     p.add_argument("--context-lens", default="", help="decode context lengths, e.g. 64,256")
+    p.add_argument("--experts-micro-batches", default="",
+                   help="MoE: expert micro-batch sizes in routed tokens, e.g. 16,64,256,1024")
+    p.add_argument("--experts-call-tokens", default="", help="MoE: routed tokens per Forward call, e.g. 256,1024")
     p.add_argument("--shares", default="", help="shares to profile, e.g. 0.3,0.5,1 (default: every thread count, "
                                                 "or MPS percentages every --share-step)")
     p.add_argument("--share-step", type=float, default=0.1, help="MPS share grid step")

@@ -1,7 +1,10 @@
 """The sidecar's decision each tick: which runtime config the worker should run now. Pure.
 
 Inputs: the worker's load report (stage, current config, load, step timings), the pod's share,
-the tuning table and the tuner settings. Rules, in order:
+the tuning table and the tuner settings. An experts server (stage experts/<group>) is tuned like
+the others on the table's "experts" rows: its knob is the expert micro-batch (max_batch_size),
+its load the routed tokens/s, its workload the routed tokens per call in flight, its step the
+micro-batch. Rules, in order:
 1. Share change (a restart under a new MPS percentage, a new CPU thread count...): choose for
    the new share at once, with no hysteresis and no dwell time.
 2. Exploration in progress: keep it until it ends, or leave it at once if the observed p95
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from ..common.load_report import LoadReport
 from .config import TunerConfig
 from .selection import Choice, choose
-from .table import ProfilePoint, TuningTable
+from .table import ProfilePoint, TuningTable, table_stage
 
 KNOBS = ("max_batch_size", "max_concurrency", "prefill_chunk_size", "local_prefill_threshold")
 
@@ -69,6 +72,8 @@ def current_config(report: LoadReport, like: dict[str, int]) -> dict[str, int]:
 
 
 def observed_workload(report: LoadReport) -> dict[str, int]:
+    if table_stage(report.stage) == "experts" and report.queue_len > 0 and report.queued_tokens > 0:
+        return {"call_tokens": max(1, round(report.queued_tokens / report.queue_len))}
     if report.stage == "decode" and report.running_seqs > 0 and report.kv_used_tokens > 0:
         return {"context_len": max(1, round(report.kv_used_tokens / report.running_seqs))}
     if report.stage == "prefill" and report.queue_len > 0 and report.queued_tokens > 0:
@@ -77,7 +82,8 @@ def observed_workload(report: LoadReport) -> dict[str, int]:
 
 
 def observed_load(report: LoadReport, backlog_drain_s: float) -> float:
-    rate = report.prompt_tokens_per_s if report.stage == "prefill" else report.output_tokens_per_s
+    # Prefill eats prompt tokens, decode makes output tokens, experts report routed tokens in.
+    rate = report.output_tokens_per_s if report.stage == "decode" else report.prompt_tokens_per_s
     return rate + report.queued_tokens / backlog_drain_s
 
 
@@ -85,6 +91,8 @@ def _saturated(report: LoadReport) -> bool:
     batch = report.config.max_batch_size if report.config else 0
     if report.stage == "decode":
         return batch > 0 and report.running_seqs >= batch
+    if table_stage(report.stage) == "experts":  # routed tokens in flight fill a micro-batch
+        return report.queued_tokens >= batch > 0
     return report.queue_len >= batch > 0
 
 
@@ -98,11 +106,12 @@ def decide(
 ) -> Decision:
     """One tick (see the module docstring). Updates `state`'s share, workload and observation
     time; the caller calls state.applied() once the worker took a config."""
-    slo = settings.slo_ms(report.stage)
+    stage = table_stage(report.stage)
+    slo = settings.slo_ms(stage)
     workload = observed_workload(report) or state.workload
     state.workload = workload
-    target = workload or (table.workloads(report.model, report.stage, device) or [{}])[-1]  # unknown: the largest
-    rows = [p for p in table.points_at(report.model, report.stage, device, share, target)
+    target = workload or (table.workloads(report.model, stage, device) or [{}])[-1]  # unknown: the largest
+    rows = [p for p in table.points_at(report.model, stage, device, share, target)
             if _config_key(p.config) not in state.rejected]
     if not rows:
         state.share = share
@@ -170,7 +179,7 @@ def _observe(report: LoadReport, settings: TunerConfig, state: TunerState, share
     if throughput <= 0:
         return None
     return ProfilePoint(
-        model=report.model, stage=report.stage, device=device, share=share, config=dict(current),
+        model=report.model, stage=table_stage(report.stage), device=device, share=share, config=dict(current),
         throughput_tokens_per_s=throughput, latency_p50_ms=report.step_ms_p50, latency_p95_ms=report.step_ms_p95,
         samples=1, source="online", updated_at=now, workload=dict(workload),
     )

@@ -7,10 +7,14 @@ what is measured is exactly what a worker at that share would see.
 
 What runs is the workers' code: a prefill micro-batch is `ModelRunner.prefill` as the prefill
 batcher calls it; a decode step is `DecodeEngine.step` (scheduler + model + sampler) with
-`batch` sequences at the workload's context length. This is the only tuner module that touches
-engine internals; when the engine changes, this is the file to follow it.
+`batch` sequences at the workload's context length; an experts call is the experts server's
+own path (services/experts/micro_batch.py: cut into micro-batches, each piece through
+mix_experts) on the model's expert weights, with seeded top-k routing. This is the only tuner
+module that touches engine internals; when the engine changes, this is the file to follow it.
 Figures: prefill latency is one micro-batch (ms), throughput prompt tokens/s; decode latency
-is one step (ms, the inter-token latency at that batch), throughput output tokens/s.
+is one step (ms, the inter-token latency at that batch), throughput output tokens/s; experts
+latency is one expert micro-batch (ms the device is held, what a call queued behind waits at
+most per piece), throughput routed tokens ((token, expert) pairs) per second over whole calls.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass(frozen=True)
 class ProbeItem:
-    stage: str  # "prefill" | "decode"
-    config: dict[str, int]
-    workload: dict[str, int]  # prefill: {"prompt_len": n}; decode: {"context_len": n}
+    stage: str  # "prefill" | "decode" | "experts"
+    config: dict[str, int]  # experts: {"max_batch_size": routed tokens per expert micro-batch}
+    workload: dict[str, int]  # prefill: {"prompt_len": n}; decode: {"context_len": n}; experts: {"call_tokens": n}
 
 
 @dataclass(frozen=True)
@@ -129,19 +133,83 @@ def _decode(runner, item: ProbeItem, warmup: int, reps: int) -> Measurement:
     return Measurement(item, batch / mean_s, percentile(times, 50), percentile(times, 95), len(times))
 
 
+def _experts_call(experts, top_k: int, routed: int):
+    """A Forward call of `routed` routed tokens (routed // top_k tokens, top_k distinct experts
+    each, drawn uniformly with a fixed seed) at layer 0, in host memory as the server parses it."""
+    import torch
+
+    from ..engine.moe_model import pairs
+    from ..experts.wire import ExpertCall
+
+    gen = torch.Generator().manual_seed(routed)
+    n = max(1, routed // top_k)
+    x = torch.randn(n, experts.hidden_size, generator=gen).to(experts.dtype)  # [N, H]
+    scores = torch.rand(n, experts.num_experts, generator=gen)
+    top = scores.topk(top_k, dim=-1)  # [N, K]
+    token_index, expert_ids, weights = pairs(top.indices, torch.softmax(top.values, dim=-1))
+    return ExpertCall(0, x, token_index, expert_ids, weights)
+
+
+def _experts(moe, item: ProbeItem, warmup: int, reps: int) -> Measurement:
+    from ..experts.micro_batch import assemble, compute, split
+
+    experts, top_k, sync = moe
+    micro_batch = item.config["max_batch_size"]
+    call = _experts_call(experts, top_k, item.workload["call_tokens"])
+    pairs = int(call.expert_ids.numel())
+    steps, calls = [], []
+    for rep in range(warmup + reps):
+        started = time.perf_counter()
+        pieces = split(call, micro_batch)
+        outputs = []
+        for piece in pieces:
+            start = time.perf_counter()
+            outputs.append(compute(piece.call, experts.get, experts.dtype, experts.device))
+            sync()
+            if rep >= warmup:
+                steps.append((time.perf_counter() - start) * 1000)
+        assemble(call, pieces, outputs)
+        if rep >= warmup:
+            calls.append(time.perf_counter() - started)
+    return Measurement(item, pairs * len(calls) / sum(calls), percentile(steps, 50), percentile(steps, 95),
+                       len(steps), {"pieces_per_call": len(pieces), "call_ms_mean": 1000 * sum(calls) / len(calls)})
+
+
+def _load_experts(job: ProbeJob):
+    """Every expert of the model on this device, the top-k, and a device sync for the timer."""
+    import torch
+
+    from ..engine.loader import resolve_dtype
+    from ..engine.moe_config import MoeConfig
+    from ..experts.weights import CheckpointExperts
+
+    device = torch.device(job.device)
+    experts = CheckpointExperts(job.model_dir, resolve_dtype(job.dtype, device), device)
+    experts.load(list(range(experts.num_experts)))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return experts, MoeConfig.from_dir(job.model_dir).top_k, sync
+
+
 def run(job: ProbeJob, emit=print) -> None:
-    from ..engine.runner import ModelRunner
     from .shares import ShareMechanism
 
     import torch
 
     if job.mechanism == "cpu":
         ShareMechanism("cpu", job.cores).apply_in_process(job.share)
-    runner = ModelRunner(job.model_dir, job.dtype, job.device, torch.get_num_threads())
+    runner = moe = None  # loaded on first use: an experts-only job needs no whole model
     with torch.inference_mode():
         for item in job.items:
-            measure = _prefill if item.stage == "prefill" else _decode
-            m = measure(runner, item, job.warmup, job.reps)
+            if item.stage == "experts":
+                moe = moe or _load_experts(job)
+                m = _experts(moe, item, job.warmup, job.reps)
+            else:
+                if runner is None:
+                    from ..engine.runner import ModelRunner
+
+                    runner = ModelRunner(job.model_dir, job.dtype, job.device, torch.get_num_threads())
+                measure = _prefill if item.stage == "prefill" else _decode
+                m = measure(runner, item, job.warmup, job.reps)
             if job.device.startswith("cuda"):
                 torch.cuda.synchronize()
             emit(json.dumps(asdict(m)))

@@ -45,23 +45,34 @@ class ProfileGrid:
     prompt_lens: tuple[int, ...] = (32, 128)
     decode_batches: tuple[int, ...] = (1, 4, 16, 64)
     context_lens: tuple[int, ...] = (64, 256)
+    # MoE models: expert micro-batch sizes (routed tokens per expert pass) x Forward call sizes
+    # (routed tokens per call); only micro-batches up to the call size (beyond it nothing is cut).
+    experts_micro_batches: tuple[int, ...] = (16, 64, 256, 1024)
+    experts_call_tokens: tuple[int, ...] = (256, 1024)
     shares: tuple[float, ...] = ()  # empty: every share the mechanism offers (ShareMechanism.grid)
     epsilon: float = 0.05
     slo_prefill_ms: float = 0.0  # the SLOs the sidecars will select under (0: none); see the check round
     slo_decode_ms: float = 0.0
+    slo_experts_ms: float = 0.0
     slo_margin: float = 0.1  # estimates this close to an SLO are measured, not trusted
 
     def slo_ms(self, stage: str) -> float:
-        return self.slo_prefill_ms if stage == "prefill" else self.slo_decode_ms
+        return {"prefill": self.slo_prefill_ms, "decode": self.slo_decode_ms}.get(stage, self.slo_experts_ms)
 
     def validate(self) -> None:
-        for name in ("prefill_batches", "prompt_lens", "decode_batches", "context_lens"):
+        for name in ("prefill_batches", "prompt_lens", "decode_batches", "context_lens", "experts_micro_batches",
+                     "experts_call_tokens"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if any(not 0 < s <= 1 for s in self.shares):
             raise ValueError(f"shares must be in (0, 1], got {self.shares}")
-        if not set(self.stages) <= {"prefill", "decode"}:
-            raise ValueError(f"stages must be prefill and/or decode, got {self.stages}")
+        if not self.stages or not set(self.stages) <= {"prefill", "decode", "experts"}:
+            raise ValueError(f"stages must be some of prefill, decode, experts, got {self.stages}")
+        if "experts" in self.stages and not (self.experts_micro_batches and self.experts_call_tokens):
+            raise ValueError("stage experts needs experts_micro_batches and experts_call_tokens")
+        if "experts" in self.stages and min(self.experts_micro_batches) > min(self.experts_call_tokens):
+            raise ValueError(f"experts_micro_batches {self.experts_micro_batches} has none <= the call size "
+                             f"{min(self.experts_call_tokens)}: every experts_call_tokens needs one")
 
     def items(self) -> list[ProbeItem]:
         out = []
@@ -71,6 +82,9 @@ class ProfileGrid:
         if "decode" in self.stages:
             out += [ProbeItem("decode", {"max_batch_size": b, "max_concurrency": b}, {"context_len": n})
                     for n in self.context_lens for b in self.decode_batches]
+        if "experts" in self.stages:
+            out += [ProbeItem("experts", {"max_batch_size": m}, {"call_tokens": n})
+                    for n in self.experts_call_tokens for m in self.experts_micro_batches if m <= n]
         return out
 
 

@@ -4,8 +4,9 @@ Every `interval_s`: read the worker's load report (Admin.GetLoad), the pod's sha
 table (re-read from the store only when its version moved), decide (policy.decide), and apply
 a new config with Admin.SetConfig. The worker takes it at its next batch boundary: the prefill
 batcher reads max_batch_size when it forms the next micro-batch, the decode scheduler when it
-forms the next step; running sequences keep their slots when max_concurrency goes down (only
-admissions wait), so a swap drops, fails or stalls nothing. Online observations are written
+forms the next step, an experts server (its expert micro-batch) when the next call starts;
+running sequences keep their slots when max_concurrency goes down (only admissions wait), so a
+swap drops, fails or stalls nothing. Online observations are written
 back with TuningTable.update (a store transaction, so concurrent sidecars all land).
 
 Runs as `elastune serve tuner --worker HOST:PORT` (a container beside the worker in

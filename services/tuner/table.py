@@ -44,9 +44,17 @@ return 1
 """
 
 
+def table_stage(stage: str) -> str:
+    """The table's stage for a worker's stage: every expert group ("experts/<group>") runs the
+    same expert FFNs, so all of them share the "experts" rows."""
+    return stage.split("/", 1)[0]
+
+
 @dataclass(frozen=True)
 class ProfilePoint:
-    """One runtime config measured at one GPU share. Latencies are per output token for decode."""
+    """One runtime config measured at one GPU share. Latencies: one prefill micro-batch, one
+    decode step (per output token), one expert micro-batch; experts throughput is in routed
+    tokens ((token, expert) pairs) per second, what an expert group's servers report."""
 
     model: str
     stage: str
@@ -59,7 +67,7 @@ class ProfilePoint:
     samples: int = 1
     source: str = "profile"
     updated_at: float = 0.0
-    workload: dict[str, int] = field(default_factory=dict)  # {"prompt_len": n} or {"context_len": n}
+    workload: dict[str, int] = field(default_factory=dict)  # {"prompt_len": n}, {"context_len": n}, {"call_tokens": n}
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
