@@ -18,8 +18,6 @@
 | no_tuning          | default                        | elastic_tuned's policy without the table (= elastic)|
 
 "default" is an untuned deployment: one whole GPU per pod and the profile's batch limits.
-Every run sizes and scales a stage at stage_utilization(): the experiment's target utilisation,
-except a decode plan whose batch the KV cache caps, which runs at the KV high watermark.
 Every scaled run may grow a stage to twice its peak-sized count (MAX_OVER_PEAK), within the cluster.
 """
 
@@ -37,7 +35,7 @@ from services.scaler.signals import StagePolicyConfig, StepLimit
 from services.sim.control import StageControl
 from services.sim.profile import Profile
 from services.sim.simulator import STAGES, SimConfig
-from services.sim.tuning import StagePlan, Workload, build_table, default_plan, kv_bound, plan_stage
+from services.sim.tuning import StagePlan, Workload, build_table, default_plan, plan_stage
 
 from .config import ExperimentConfig
 
@@ -79,30 +77,10 @@ def demand(requests: list[Request]) -> Demand:
     return Demand(mean, peak, start, Workload(float(prompt.mean()), float(output.mean()), float((prompt**2).mean())))
 
 
-def stage_utilization(cfg: ExperimentConfig, profile: Profile, work: Workload, plan: StagePlan) -> float:
-    """The fraction of a pod's capacity a stage is sized and scaled to use.
-
-    target_utilization is headroom for a queue in front of a server. A decode plan whose batch the
-    KV cache caps (the tuned 512-sequence batch holds ~350 sequences of the headline's mix) has
-    its capacity = KV slots / step time, and the policy's KV-pressure need already keeps those
-    slots under kv_high_watermark: a second, lower target on the same resource only buys pods
-    that sit idle. A pod of c ~ 350 slots is a many-server queue (Erlang C): at 85% the chance
-    that a request waits for a slot is ~0.3% (Halfin-Whitt, beta = 0.15 sqrt(350) = 2.8), and a
-    wait ends when any of the 350 sequences finishes. So such a plan uses the watermark alone.
-    A batch-limited decode plan (the untuned 64) or a prefill plan keeps target_utilization.
-    """
-    util = cfg.sim.target_utilization
-    if not (cfg.sim.kv_bound_decode_at_watermark and kv_bound(profile, work, plan)):
-        return util
-    watermark = float(cfg.policy.get("kv_high_watermark", StagePolicyConfig("decode", 1.0).kv_high_watermark))
-    return max(util, watermark)
-
-
-def _policy(cfg: ExperimentConfig, stage: str, capacity: Any, share: float, max_replicas: int,
-            util: float) -> StagePolicyConfig:
+def _policy(cfg: ExperimentConfig, stage: str, capacity: Any, share: float, max_replicas: int) -> StagePolicyConfig:
     base = StagePolicyConfig(
         stage=stage, tokens_per_s_per_pod=capacity, gpu_share=share,
-        target_utilization=util,
+        target_utilization=cfg.sim.target_utilization,
         slo_ttft_s=cfg.slo_ttft_s if stage == "prefill" else None,
         slo_itl_s=cfg.slo_tpot_s if stage == "decode" else None,
         min_replicas=1, max_replicas=max_replicas,
@@ -156,10 +134,10 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
     plans: dict[str, StagePlan] = {
         s: plan_stage(table, profile, s, slo_ms[s]) if tuned else default_plan(profile, work, s) for s in STAGES
     }
+    util = cfg.sim.target_utilization
     controls = {}
     for stage in STAGES:
         plan = plans[stage]
-        util = stage_utilization(cfg, profile, work, plan)
         fits = max(int(cfg.sim.gpus / plan.share + 1e-9), 1)
         at_peak = min(max(math.ceil(need.peak[stage] / (plan.tokens_per_s * util)), 1), fits)
         # maxReplicaCount as an operator sets it from capacity planning: twice the peak-sized count,
@@ -184,7 +162,7 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
                 return found or plan.tokens_per_s
         else:
             capacity = plan.tokens_per_s
-        policy = _ablate(run, _policy(cfg, stage, capacity, plan.share, most, util))
+        policy = _ablate(run, _policy(cfg, stage, capacity, plan.share, most))
         controls[stage] = StageControl("elastune", replicas=start, policy=policy, max_replicas=most,
                                        behavior=_behavior(cfg), tolerance=cfg.hpa.tolerance,
                                        deadline_signal=run != "no_deadline")

@@ -33,9 +33,6 @@
                                   # say (trigger metadata -> policy, behavior -> HPA), as real mode
       shared_host: true           # false: drop the profile's shared host (stack.host_cores): each pod
                                   # gets its own device share, e.g. the tiny CPU profile as a cluster
-      kv_bound_decode_at_watermark: true  # a decode plan whose batch the KV cache caps is sized and scaled
-                                  # at the policy's kv_high_watermark, not target_utilization (one
-                                  # headroom per resource; see baselines.stage_utilization)
     policy: {}                    # StagePolicyConfig overrides for elastune runs (field: value)
     hpa:                          # the ScaledObject's HPA behaviour in sim runs
       tolerance: 0.1
@@ -96,7 +93,6 @@ class SimSection:
     prefill_slo_fraction: float = 0.5
     scaledobjects: str = ""  # the `elastic` run takes its policy and HPA from these ScaledObjects
     shared_host: bool = True  # false: ignore the profile's stack.host_cores (pods on their own devices)
-    kv_bound_decode_at_watermark: bool = True  # false: every stage at target_utilization (as before)
 
 
 @dataclass(frozen=True)

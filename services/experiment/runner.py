@@ -23,7 +23,7 @@ from bench import workloads
 from bench.meta import commit, machine
 
 from . import plots, report, rundata
-from .baselines import demand, sim_config, stage_utilization
+from .baselines import demand, sim_config
 from .config import ExperimentConfig, load
 from .metrics import Slo, summarize
 from .workload import build, default_trace, load_steps
@@ -79,9 +79,7 @@ def run_experiment(config_path: str | Path, out: str | Path = DEFAULT_OUT,
         started = time.perf_counter()
         if cfg.mode == "sim":
             setup = sim_config(cfg, run, profile, need)
-            meta["plans"][run] = {s: {"share": p.share, **p.config,
-                                      "utilization": stage_utilization(cfg, profile, need.workload, p)}
-                                  for s, p in setup.plans.items()}
+            meta["plans"][run] = {s: {"share": p.share, **p.config} for s, p in setup.plans.items()}
             data = simulate(setup, arrivals, prompts, outputs)
             meta["sim_wall_s"][run] = data.stats
         else:

@@ -117,14 +117,6 @@ def default_plan(profile: Profile, work: Workload, stage: str) -> StagePlan:
     return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
 
 
-def kv_bound(profile: Profile, work: Workload, plan: StagePlan) -> bool:
-    """A decode plan whose batch limit the KV cache cannot hold: its capacity is its KV slots."""
-    if plan.stage != "decode":
-        return False
-    fits = max(int(profile.decode.kv_capacity(plan.share) // work.kv_per_seq), 1)
-    return fits < plan.config.get("max_batch_size", 0)
-
-
 def retune(table: TuningTable, profile: Profile, plan: StagePlan, load_per_pod: float, slo_ms: float,
            current: dict[str, int]) -> dict[str, int]:
     """The inner loop: the config a pod at the plan's share should run at its observed load."""

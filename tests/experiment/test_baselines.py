@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.workloads import Request
-from services.experiment.baselines import RUNS, demand, sim_config, stage_utilization
+from services.experiment.baselines import RUNS, demand, sim_config
 from services.experiment.config import parse
 from services.sim.profile import load_profile
 
@@ -71,28 +71,3 @@ def test_elastic_run_follows_the_local_scaledobjects():
     assert decode.policy.pod_tokens_per_s() == 250.0 and prefill.policy.pod_tokens_per_s() == 2000.0
     assert decode.policy.ema_half_life_s == 5.0 and decode.max_replicas == 4
     assert decode.behavior.scale_down.stabilization_window_s == 20
-
-
-def test_a_kv_bound_decode_plan_runs_at_the_kv_watermark_and_nothing_else_moves():
-    # Conversation-like lengths on the H100-shaped profile: the tuned decode batch (512) does not fit
-    # the KV cache (~350 sequences), the untuned one (64) does.
-    reqs = [Request(i / 20, 1150, 210) for i in range(2400)]
-    profile, need = load_profile(REPO / "experiments/profiles/h100-llama3-8b.json"), demand(reqs)
-    doc = {"name": "t", "runs": list(RUNS), "sim": {"profile": "x", "gpus": 64, "target_utilization": 0.75},
-           "slo": {"ttft_s": 2.0, "tpot_s": 0.1}}
-    cfg = parse(doc)
-    tuned, untuned = sim_config(cfg, "elastic_tuned", profile, need), sim_config(cfg, "static_peak", profile, need)
-    assert tuned.plans["decode"].config["max_batch_size"] == 512
-    assert stage_utilization(cfg, profile, need.workload, tuned.plans["decode"]) == 0.85
-    assert tuned.controls["decode"].policy.target_utilization == 0.85
-    assert tuned.controls["prefill"].policy.target_utilization == 0.75
-    assert stage_utilization(cfg, profile, need.workload, untuned.plans["decode"]) == 0.75
-    static_tuned = sim_config(cfg, "static_peak_tuned", profile, need).controls["decode"]
-    assert static_tuned.replicas == math.ceil(need.peak["decode"] / (tuned.plans["decode"].tokens_per_s * 0.85))
-    # the policy's own watermark is the one used; a higher target is never lowered; the switch restores 0.75
-    assert stage_utilization(parse({**doc, "policy": {"kv_high_watermark": 0.8}}), profile, need.workload,
-                             tuned.plans["decode"]) == 0.8
-    higher = parse({**doc, "sim": {**doc["sim"], "target_utilization": 0.9}})
-    assert stage_utilization(higher, profile, need.workload, tuned.plans["decode"]) == 0.9
-    off = parse({**doc, "sim": {**doc["sim"], "kv_bound_decode_at_watermark": False}})
-    assert sim_config(off, "elastic_tuned", profile, need).controls["decode"].policy.target_utilization == 0.75
