@@ -120,8 +120,10 @@ def load_at_changes(data: RunData, stage: str, before_s: float = LOAD_BEFORE_S) 
         if c.stage != stage or c.to_replicas == c.from_replicas:
             continue
         seen = [v for t, v in samples if c.time - before_s <= t <= c.time]
+        # a change in the first minute (the start count meeting the autoscaler) saw no minute of load
+        full = bool(samples) and c.time - before_s >= samples[0][0]
         out.append({"time": c.time, "from": c.from_replicas, "to": c.to_replicas,
-                    "load": float(np.mean(seen)) if seen else None})
+                    "load": float(np.mean(seen)) if seen and full else None})
     return mean, out
 
 

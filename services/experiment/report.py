@@ -99,7 +99,8 @@ def following(summaries: dict[str, dict], stages: tuple[str, ...], listed: int =
                 return None if c["load"] is None else c["load"] / mean
 
             shown = [f"{'up' if c['to'] > c['from'] else 'down'} {c['from']}->{c['to']} at {c['time']:.0f} s "
-                     f"({_f(c['load'], 0)} tok/s, {_f(ratio(c), 2)}x)" for c in changes[:listed]]
+                     + ("(before a full minute of load)" if c["load"] is None else
+                        f"({_f(c['load'], 0)} tok/s, {_f(ratio(c), 2)}x)") for c in changes[:listed]]
             more = f"; ... {len(changes) - listed} more" if len(changes) > listed else ""
             ups = [r for c in changes if c["to"] > c["from"] and (r := ratio(c)) is not None]
             downs = [r for c in changes if c["to"] < c["from"] and (r := ratio(c)) is not None]

@@ -130,3 +130,10 @@ def test_report_says_whether_the_count_follows_the_load():
     assert "follows the load" not in "\n".join(following({"elastic": s}, ("decode",)))
     assert following({"static": summarize(_data(), Slo(1.0, 0.1))}, ("decode",)) == [
         "- No run changed its replica count."]
+
+
+def test_a_change_before_a_full_minute_of_load_has_no_load():
+    d = _following_data()
+    d.changes = [ScaleChange(30.0, "decode", 2, 1)] + d.changes
+    _, changes = load_at_changes(d, "decode")
+    assert changes[0]["load"] is None and changes[1]["load"] == pytest.approx(100.0)
