@@ -1,4 +1,5 @@
-"""Open-loop load client for an OpenAI-compatible completions endpoint, with streaming.
+"""Open-loop load client: the OpenAI-compatible completions endpoint with streaming (HTTP), or
+the gateway's gRPC `Gateway.Generate` server stream (`--api grpc`).
 
 Each request is sent at its scheduled arrival time whatever the server is doing (one asyncio
 task per request, started by a scheduler that sleeps until each arrival), so a slow server
@@ -7,6 +8,9 @@ time) is recorded so an overloaded client never masquerades as a slow server.
 
     python bench/loadgen.py --url http://127.0.0.1:8000 --workload poisson --rate 4 \
         --duration 30 --seed 0 --out results.csv
+    python bench/loadgen.py --api grpc --url 127.0.0.1:50051 --workload gamma --rate 4 --cv 3
+
+Records are written as CSV (pyarrow, hence Parquet, is not a project dependency).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import aiohttp
+import grpc
 import numpy as np
 
 if __package__ in (None, ""):
@@ -31,12 +36,24 @@ if __package__ in (None, ""):
 
 from bench import workloads  # noqa: E402
 from bench.workloads import Request  # noqa: E402
+from services.proto import inference_pb2 as pb  # noqa: E402
+from services.proto import inference_pb2_grpc as pb_grpc  # noqa: E402
 
 SERVER_HEADERS = {
     "X-Elastune-TTFT-Ms": "hdr_ttft_ms",
     "X-Elastune-Prefill-Ms": "hdr_prefill_ms",
     "X-Elastune-KV-Transfer-Ms": "hdr_kv_transfer_ms",
     "X-Elastune-Decode-Queue-Ms": "hdr_decode_queue_ms",
+}
+
+# gRPC status -> the HTTP status the gateway's HTTP API answers for the same outcome (the
+# usual google.rpc mapping), so both APIs' records summarise alike; the code name is kept too.
+GRPC_TO_HTTP = {
+    grpc.StatusCode.OK: 200, grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403, grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501, grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
 
@@ -59,6 +76,7 @@ class Record:
     hdr_prefill_ms: float | None = None
     hdr_kv_transfer_ms: float | None = None
     hdr_decode_queue_ms: float | None = None
+    grpc_code: str = ""  # gRPC runs: the status code's name ("OK", "RESOURCE_EXHAUSTED", ...)
 
     @property
     def lag_s(self) -> float:  # client lag: actual send minus scheduled send
@@ -75,7 +93,18 @@ def prompt_ids(index: int, length: int, vocab_size: int, seed: int) -> list[int]
     return rng.integers(5, vocab_size, size=length).tolist()
 
 
-async def _send(
+def _count_tokens(record: Record, n: int, now: float, last: float | None) -> float:
+    """Account `n` tokens that arrived together at `now`; a burst's gap is spread evenly."""
+    if last is None:
+        record.ttft_s = now - record.sent_s
+        record.gaps_s.extend([0.0] * (n - 1))
+    else:
+        record.gaps_s.extend([(now - last) / n] * n)
+    record.tokens_received += n
+    return now
+
+
+async def _send_http(
     session: aiohttp.ClientSession, url: str, body: dict, record: Record, clock, t0: float
 ) -> None:
     record.sent_s = clock() - t0
@@ -104,20 +133,50 @@ async def _send(
                 for choice in event.get("choices") or []:
                     ids = choice.get("token_ids")
                     n += len(ids) if ids is not None else (1 if choice.get("text") else 0)
-                if n == 0:
-                    continue
-                now = clock() - t0
-                if last is None:
-                    record.ttft_s = now - record.sent_s
-                    record.gaps_s.extend([0.0] * (n - 1))
-                else:
-                    record.gaps_s.extend([(now - last) / n] * n)
-                record.tokens_received += n
-                last = now
+                if n:
+                    last = _count_tokens(record, n, clock() - t0, last)
     except Exception as exc:  # noqa: BLE001 - every failure is recorded, none retried
         record.error = f"{type(exc).__name__}: {exc}"[:500]
     finally:
         record.e2e_s = clock() - t0 - record.sent_s
+
+
+async def _send_grpc(
+    stub: pb_grpc.GatewayStub, request: pb.GenerateRequest, record: Record, clock, t0: float, timeout_s: float
+) -> None:
+    record.sent_s = clock() - t0
+    last = None
+    try:
+        async for msg in stub.Generate(request, timeout=timeout_s):
+            if msg.HasField("timings"):  # the last message: the stage timings the HTTP API sends as headers
+                t = msg.timings
+                record.hdr_prefill_ms = t.prefill_queue_ms + t.prefill_compute_ms
+                record.hdr_kv_transfer_ms = t.kv_transfer_ms
+                record.hdr_decode_queue_ms = t.decode_queue_ms
+            if msg.token_ids:
+                last = _count_tokens(record, len(msg.token_ids), clock() - t0, last)
+        record.status, record.grpc_code = 200, grpc.StatusCode.OK.name
+    except grpc.aio.AioRpcError as exc:
+        record.grpc_code = exc.code().name
+        record.status = GRPC_TO_HTTP.get(exc.code(), 500)
+        record.error = f"{exc.code().name}: {exc.details()}"[:500]
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded, none retried
+        record.error = f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        record.e2e_s = clock() - t0 - record.sent_s
+
+
+async def _open_loop(requests: list[Request], send) -> None:
+    """Start send(i, request) at each request's arrival time, whatever earlier ones are doing."""
+    clock = asyncio.get_running_loop().time
+    tasks = []
+    t0 = clock()
+    for i, req in enumerate(requests):
+        delay = t0 + req.arrival_s - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(i, req, t0), name=f"loadgen.request-{i}"))
+    await asyncio.gather(*tasks)
 
 
 async def run(
@@ -129,29 +188,49 @@ async def run(
     seed: int = 0,
     text_prompts: bool = False,
     timeout_s: float = 600.0,
+    api: str = "http",
 ) -> list[Record]:
-    """Send every request at its arrival time (open loop); return one Record per request."""
-    url = base_url.rstrip("/") + "/v1/completions"
-    loop = asyncio.get_running_loop()
-    clock = loop.time
+    """Send every request at its arrival time (open loop); return one Record per request.
+
+    api "http": `base_url` is the gateway's HTTP root; "grpc": its gRPC address host:port."""
+    if api not in ("http", "grpc"):
+        raise ValueError(f"api must be 'http' or 'grpc', got {api!r}")
+    clock = asyncio.get_running_loop().time
     records = [Record(i, r.arrival_s, prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens)
                for i, r in enumerate(requests)]
+
+    def prompt(i: int, req: Request) -> list[int] | str:
+        return "hi " * req.prompt_tokens if text_prompts else prompt_ids(i, req.prompt_tokens, vocab_size, seed)
+
+    if api == "grpc":
+        # One channel: every request is its own HTTP/2 stream on it, as a gRPC client would do.
+        async with grpc.aio.insecure_channel(base_url.removeprefix("grpc://")) as channel:
+            stub = pb_grpc.GatewayStub(channel)
+
+            async def send_grpc(i: int, req: Request, t0: float) -> None:
+                body = pb.GenerateRequest(model=model, sampling=pb.SamplingParams(
+                    max_tokens=req.output_tokens, ignore_eos=True))
+                text_or_ids = prompt(i, req)
+                if isinstance(text_or_ids, str):
+                    body.prompt = text_or_ids
+                else:
+                    body.prompt_token_ids.extend(text_or_ids)
+                await _send_grpc(stub, body, records[i], clock, t0, timeout_s)
+
+            await _open_loop(requests, send_grpc)
+        return records
+
+    url = base_url.rstrip("/") + "/v1/completions"
     connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        tasks = []
-        t0 = clock()
-        for i, req in enumerate(requests):
-            delay = t0 + req.arrival_s - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            prompt: list[int] | str = ("hi " * req.prompt_tokens if text_prompts
-                                       else prompt_ids(i, req.prompt_tokens, vocab_size, seed))
-            body = {"model": model, "prompt": prompt, "max_tokens": req.output_tokens,
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+
+        async def send_http(i: int, req: Request, t0: float) -> None:
+            body = {"model": model, "prompt": prompt(i, req), "max_tokens": req.output_tokens,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                     "return_token_ids": True}
-            tasks.append(asyncio.create_task(_send(session, url, body, records[i], clock, t0)))
-        await asyncio.gather(*tasks)
+            await _send_http(session, url, body, records[i], clock, t0)
+
+        await _open_loop(requests, send_http)
     return records
 
 
@@ -203,9 +282,11 @@ def read_csv(path: str | Path) -> list[Record]:
     out = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            values: dict = {"gaps_s": [float(g) for g in row.pop("gaps_s").split(";") if g],
-                            "error": row.pop("error")}
+            values: dict = {"gaps_s": [float(g) for g in row.pop("gaps_s").split(";") if g]}
             for name, text in row.items():
+                if kinds[name] == "str":
+                    values[name] = text
+                    continue
                 parse = int if kinds[name] == "int" else float
                 values[name] = None if text == "" else parse(text)
             out.append(Record(**values))
@@ -274,7 +355,9 @@ def _shared_dir() -> Path:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="HTTP root, or host:port with --api grpc")
+    p.add_argument("--api", choices=["http", "grpc"], default="http",
+                   help="OpenAI HTTP streaming, or the gateway's gRPC Generate stream")
     p.add_argument("--model", default="", help="model id (default: first of GET /v1/models)")
     p.add_argument("--workload", choices=["poisson", "gamma", "onoff", "mmpp", "azure", "mooncake"],
                    default="poisson")
@@ -303,10 +386,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     reqs = build_workload(args)
-    model = args.model or asyncio.run(discover_model(args.url))
+    # gRPC: an empty model is the gateway's own (it checks only a model that is named)
+    model = args.model or ("" if args.api == "grpc" else asyncio.run(discover_model(args.url)))
     print("workload:", json.dumps(workloads.summary(reqs)))
     records = asyncio.run(run(args.url, model, reqs, vocab_size=args.vocab,
-                              seed=args.seed, text_prompts=args.text))
+                              seed=args.seed, text_prompts=args.text, api=args.api))
     if args.out:
         write_csv(records, args.out)
     for key, value in summarize(records).items():

@@ -45,6 +45,7 @@
       port: 0                     # 0: a free port
       vocab: 4096
       sample_s: 1.0               # how often replicas are sampled
+      api: http                   # load client: http (OpenAI streaming) | grpc (the gateway's Generate)
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class RealSection:
     port: int = 0
     vocab: int = 4096
     sample_s: float = 1.0
+    api: str = "http"  # the load client's API: "http" (OpenAI streaming) or "grpc" (Gateway.Generate)
 
 
 @dataclass(frozen=True)
@@ -191,10 +193,13 @@ def parse(doc: Any, source: str = "<config>") -> ExperimentConfig:
     sim = _section(SimSection, doc.get("sim"), "sim")
     if sim.gpus < 1 or sim.interval_s <= 0 or sim.window_s <= 0:
         raise ConfigError(f"{source}: sim.gpus must be >= 1 and sim.interval_s, sim.window_s > 0")
+    real = _section(RealSection, doc.get("real"), "real")
+    if real.api not in ("http", "grpc"):
+        raise ConfigError(f"{source}: real.api must be http or grpc, got {real.api!r}")
     return ExperimentConfig(
         name=name, runs=tuple(runs), seed=int(doc.get("seed", 0)), mode=mode, workload=workload,
         slo_ttft_s=ttft, slo_tpot_s=tpot, sim=sim, policy=dict(policy),
-        hpa=_section(HpaSection, doc.get("hpa"), "hpa"), real=_section(RealSection, doc.get("real"), "real"),
+        hpa=_section(HpaSection, doc.get("hpa"), "hpa"), real=real,
         source=source,
     )
 

@@ -24,6 +24,7 @@ from services.sim.result import RunData
 
 QUANTILES = (50, 95, 99)
 REVERSAL_WINDOW_S = 600.0
+LOAD_BEFORE_S = 60.0  # a scale change is compared with the stage's load over the minute before it
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,23 @@ def stage_replicas(data: RunData, stage: str) -> dict[str, float]:
             "mean_ready": float(np.mean([s.ready for s in rows])), "mean_share": float(np.mean([s.share for s in rows]))}
 
 
+def load_at_changes(data: RunData, stage: str, before_s: float = LOAD_BEFORE_S) -> tuple[float, list[dict]]:
+    """The stage's mean load over the run, and each scale change with the stage's mean load
+    (tokens/s) over the before_s seconds up to it: does the count follow the load?"""
+    samples = [(s.time, s.load_tokens_per_s) for s in data.timeline if s.stage == stage]
+    mean = float(np.mean([v for _, v in samples])) if samples else 0.0
+    out = []
+    for c in data.changes:
+        if c.stage != stage or c.to_replicas == c.from_replicas:
+            continue
+        seen = [v for t, v in samples if c.time - before_s <= t <= c.time]
+        # a change in the first minute (the start count meeting the autoscaler) saw no minute of load
+        full = bool(samples) and c.time - before_s >= samples[0][0]
+        out.append({"time": c.time, "from": c.from_replicas, "to": c.to_replicas,
+                    "load": float(np.mean(seen)) if seen and full else None})
+    return mean, out
+
+
 def attainment_over_time(data: RunData, slo: Slo, bin_s: float = 60.0) -> list[tuple[float, float, int]]:
     """(bin start, attainment, requests) per bin of arrival time."""
     arrival = np.array(data.arrival_s, dtype=float)
@@ -160,6 +178,7 @@ def summarize(data: RunData, slo: Slo, stages: tuple[str, ...] = ("prefill", "de
         row["reversals"] = count
         row["reversals_per_10min"] = count / tens
         row["reversals_worst_10min"] = worst_window(times)
+        row["load_mean_tokens_per_s"], row["changes"] = load_at_changes(data, stage)
         if load_steps:
             ends = list(load_steps[1:]) + [duration]
             row["convergence_s"] = [convergence(data, stage, t, end) for t, end in zip(load_steps, ends)]

@@ -121,13 +121,17 @@ def run_real(cfg: ExperimentConfig, run: str, requests: list[Request], folder: P
     events = folder / "events.jsonl"
     log = open(folder / "stack.log", "w")
     env = {**os.environ, "REDIS_URL": store_url}
+    target = base_url = f"http://127.0.0.1:{port}"
+    if cfg.real.api == "grpc":  # only the gateway reads ELASTUNE_GRPC_PORT (workers read ELASTUNE_PORT)
+        grpc_port = free_port()
+        env["ELASTUNE_GRPC_PORT"] = str(grpc_port)
+        target = f"127.0.0.1:{grpc_port}"
     proc = subprocess.Popen(_command(cfg, run, port, events), stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(loadgen.wait_serving(base_url, proc, READY_TIMEOUT_S))
-        echo(f"  {run}: stack serving at {base_url}; sending {len(requests)} requests")
-        records, samples, t0, end = asyncio.run(_drive(cfg, base_url, requests, store_url))
+        echo(f"  {run}: stack serving at {base_url}; sending {len(requests)} requests over {cfg.real.api} to {target}")
+        records, samples, t0, end = asyncio.run(_drive(cfg, base_url, target, requests, store_url))
         changes = _read_changes(events, t0)
     finally:
         proc.send_signal(signal.SIGINT)  # elastune up stops its whole tree on SIGINT
@@ -141,14 +145,15 @@ def run_real(cfg: ExperimentConfig, run: str, requests: list[Request], folder: P
     return _to_rundata(records, samples, changes, end, cfg.real.sample_s)
 
 
-async def _drive(cfg: ExperimentConfig, base_url: str, requests: list[Request], store_url: str):
+async def _drive(cfg: ExperimentConfig, base_url: str, target: str, requests: list[Request], store_url: str):
     model = await loadgen.discover_model(base_url)
     samples: list[StageSample] = []
     stop = asyncio.Event()
     t0 = time.time()
     sampler = asyncio.create_task(_sample(store_url, t0, cfg.real.sample_s, samples, stop), name="experiment.sample")
     try:
-        records = await loadgen.run(base_url, model, requests, vocab_size=cfg.real.vocab, seed=cfg.seed)
+        records = await loadgen.run(target, model, requests, vocab_size=cfg.real.vocab, seed=cfg.seed,
+                                    api=cfg.real.api)
     finally:
         stop.set()
         await sampler

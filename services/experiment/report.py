@@ -84,6 +84,38 @@ def goals(summaries: dict[str, dict], stages: tuple[str, ...]) -> list[str]:
     ]
 
 
+def following(summaries: dict[str, dict], stages: tuple[str, ...], listed: int = 8) -> list[str]:
+    """Per scaled run and stage: when the count changed and what the load was then, against the
+    run's mean load; the words say whether ups came at high load and downs at low load."""
+    lines = []
+    for run, s in summaries.items():
+        for stage in stages:
+            st = s["stages"].get(stage, {})
+            changes, mean = st.get("changes") or [], st.get("load_mean_tokens_per_s") or 0.0
+            if not changes or mean <= 0:
+                continue
+
+            def ratio(c: dict) -> float | None:
+                return None if c["load"] is None else c["load"] / mean
+
+            shown = [f"{'up' if c['to'] > c['from'] else 'down'} {c['from']}->{c['to']} at {c['time']:.0f} s "
+                     + ("(before a full minute of load)" if c["load"] is None else
+                        f"({_f(c['load'], 0)} tok/s, {_f(ratio(c), 2)}x)") for c in changes[:listed]]
+            more = f"; ... {len(changes) - listed} more" if len(changes) > listed else ""
+            ups = [r for c in changes if c["to"] > c["from"] and (r := ratio(c)) is not None]
+            downs = [r for c in changes if c["to"] < c["from"] and (r := ratio(c)) is not None]
+            verdict = []
+            if ups:
+                verdict.append(f"scaled up at {sum(ups) / len(ups):.2f}x the run's mean load on average")
+            if downs:
+                verdict.append(f"down at {sum(downs) / len(downs):.2f}x")
+            followed = bool(ups) and (not downs or min(ups) > max(downs))
+            lines.append(f"- `{run}` {stage} (mean load {mean:,.0f} tok/s): {', '.join(verdict)}"
+                         f"{' -- every up at a higher load than every down: the count follows the load' if followed else ''}. "
+                         + "; ".join(shown) + more)
+    return lines or ["- No run changed its replica count."]
+
+
 def render(meta: dict, summaries: dict[str, dict], figures: list[str]) -> str:
     stages = tuple(meta.get("stages", ("prefill", "decode")))
     slo = meta.get("slo", {})
@@ -105,7 +137,11 @@ def render(meta: dict, summaries: dict[str, dict], figures: list[str]) -> str:
     lines += ["", "## Runs", "", *_run_table(summaries, stages), "",
               "GPU-s: seconds x GPU share of every pod while placed (cold starts and draining included). "
               "Goodput: requests/s meeting the SLO per mean allocated GPU.", "",
-              "## Per stage", "", *_stage_table(summaries), "", "## Goals", "", *goals(summaries, stages), ""]
+              "## Per stage", "", *_stage_table(summaries), "", "## Goals", "", *goals(summaries, stages), "",
+              "## Scale changes against load", "",
+              "Load: the stage's arrival rate (prompt tokens/s for prefill, output tokens/s for decode) "
+              "averaged over the minute before each change, and as a multiple of the run's mean.", "",
+              *following(summaries, stages), ""]
     if "sim_wall_s" in meta:
         lines += ["## Simulator", "", "| run | requests | events | wall s | peak pods |", "| --- | ---: | ---: | ---: | ---: |"]
         for run, st in meta["sim_wall_s"].items():

@@ -9,11 +9,13 @@ from services.experiment.metrics import (
     Slo,
     attainment_over_time,
     convergence,
+    load_at_changes,
     percentiles,
     reversals,
     summarize,
     worst_window,
 )
+from services.experiment.report import following
 from services.sim.result import RunData, ScaleChange, StageSample
 
 
@@ -95,3 +97,43 @@ def test_summary_reports_per_stage_replicas_and_reversals():
     assert dec["reversals"] == 1 and dec["scale_events"] == 2
     assert dec["reversals_per_10min"] == pytest.approx(1 / (100 / 600))
     assert dec["convergence_s"] == [50.0]
+
+
+def _following_data() -> RunData:
+    d = _data()
+    # decode load: 10 tok/s, 100 tok/s from 120 s to 240 s, then 10 again; polled every 10 s
+    for t in range(0, 400, 10):
+        load = 100.0 if 120 <= t < 240 else 10.0
+        d.timeline.append(StageSample(float(t), "decode", 1, 0, 0, 0, 1, 1.0, load, 0))
+    d.changes = [ScaleChange(180.0, "decode", 1, 3), ScaleChange(350.0, "decode", 3, 1),
+                 ScaleChange(200.0, "prefill", 1, 2)]
+    return d
+
+
+def test_scale_changes_carry_the_load_of_the_minute_before():
+    mean, changes = load_at_changes(_following_data(), "decode")
+    assert mean == pytest.approx((12 * 100 + 28 * 10) / 40)
+    assert [(c["time"], c["from"], c["to"]) for c in changes] == [(180.0, 1, 3), (350.0, 3, 1)]
+    assert changes[0]["load"] == pytest.approx(100.0)  # samples 120..180: all in the high phase
+    assert changes[1]["load"] == pytest.approx(10.0)
+    s = summarize(_following_data(), Slo(1.0, 0.1))["stages"]
+    assert s["decode"]["changes"] == changes and s["prefill"]["changes"][0]["load"] is None  # no prefill samples
+
+
+def test_report_says_whether_the_count_follows_the_load():
+    s = summarize(_following_data(), Slo(1.0, 0.1))
+    text = "\n".join(following({"elastic": s}, ("decode",)))
+    assert "up 1->3 at 180 s (100 tok/s, 2.70x)" in text and "down 3->1 at 350 s (10 tok/s, 0.27x)" in text
+    assert "the count follows the load" in text
+    # a scale-up at a lower load than a scale-down is not called following
+    s["stages"]["decode"]["changes"][0]["load"] = 5.0
+    assert "follows the load" not in "\n".join(following({"elastic": s}, ("decode",)))
+    assert following({"static": summarize(_data(), Slo(1.0, 0.1))}, ("decode",)) == [
+        "- No run changed its replica count."]
+
+
+def test_a_change_before_a_full_minute_of_load_has_no_load():
+    d = _following_data()
+    d.changes = [ScaleChange(30.0, "decode", 2, 1)] + d.changes
+    _, changes = load_at_changes(d, "decode")
+    assert changes[0]["load"] is None and changes[1]["load"] == pytest.approx(100.0)

@@ -12,11 +12,12 @@ from services.experiment.workload import build
 pytestmark = pytest.mark.slow
 
 
-def test_a_short_real_run_records_every_request_and_the_replicas(tmp_path, tiny_model):
+@pytest.mark.parametrize("api", ["http", "grpc"])
+def test_a_short_real_run_records_every_request_and_the_replicas(tmp_path, tiny_model, api):
     cfg = parse({"name": "real", "mode": "real", "runs": ["elastic"], "seed": 0,
                  "workload": {"kind": "poisson", "rate": 2.0, "duration_s": 6, "prompt_median": 16,
                               "output_median": 16, "max_context": 256, "max_output": 32},
-                 "real": {"model": str(tiny_model), "sample_s": 0.5}})
+                 "real": {"model": str(tiny_model), "sample_s": 0.5, "api": api}})
     requests = build(cfg.workload, cfg.seed)
     data = run_real(cfg, "elastic", requests, tmp_path / "run", echo=lambda line: None)
     assert len(data) == len(requests) > 0

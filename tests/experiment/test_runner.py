@@ -75,6 +75,7 @@ def test_experiment_run_writes_a_complete_results_folder(tmp_path, capsys):
     ("slo: {ttft_s: 0, tpot_s: 0.1}", "slo.ttft_s"),
     ("sim: {gpus: lots}", "sim.gpus"),
     ("workload: {kind: trace, speed: 2}", "workload.speed"),
+    ("real: {api: websocket}", "real.api"),
 ])
 def test_bad_config_names_the_field(change, field):
     doc = {"name": "x", "runs": ["static_peak"]}
