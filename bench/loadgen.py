@@ -129,6 +129,9 @@ async def _send_http(
                 if event.get("error"):
                     record.error = str(event["error"])[:500]
                     break
+                for header, value in (event.get("elastune_timings") or {}).items():  # the usage event
+                    if header in SERVER_HEADERS:
+                        setattr(record, SERVER_HEADERS[header], float(value))
                 n = 0
                 for choice in event.get("choices") or []:
                     ids = choice.get("token_ids")

@@ -225,7 +225,10 @@ class OpenAIApi:
             async for delta in deltas:
                 await send(event(delta, False))
             if call.include_usage:
-                await send(usage_chunk(call, req.request_id, created, len(req.prompt_token_ids), stats.completion_tokens))
+                usage = usage_chunk(call, req.request_id, created, len(req.prompt_token_ids), stats.completion_tokens)
+                # The headers went out before any stage had run: the stage timings ride on the last event.
+                usage["elastune_timings"] = _timing_headers(stats)
+                await send(usage)
             await response.write(b"data: [DONE]\n\n")
         except PipelineError as exc:
             await send(api_error(exc).body())  # mid-stream failure: an error event, then the end
@@ -237,6 +240,8 @@ class OpenAIApi:
 
 
 def _timing_headers(stats: RequestStats) -> dict[str, str]:
+    """Per-request stage timings (ms) as X-Elastune-* headers; a stream sends the same names and
+    values in its usage event as `elastune_timings`."""
     headers = {}
     if stats.ttft_s is not None:
         headers["X-Elastune-TTFT-Ms"] = f"{stats.ttft_s * 1000:.3f}"

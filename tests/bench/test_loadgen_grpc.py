@@ -1,4 +1,5 @@
-"""Load client in gRPC mode: against the real gateway (tiny model) and a scripted gRPC server."""
+"""Load client in gRPC mode (and HTTP stage timings): against the real gateway (tiny model) and a
+scripted gRPC server."""
 
 from __future__ import annotations
 
@@ -111,6 +112,12 @@ async def test_grpc_mode_against_the_real_gateway(store_url, tiny_model) -> None
         assert (bad[0].status, bad[0].grpc_code) == (400, "INVALID_ARGUMENT") and "vocab" in bad[0].error
         s = loadgen.summarize(records)
         assert s["completed"] == 4 and s["tokens_per_s"] > 0
+        # HTTP streaming: the headers leave before any stage ran; the timings come in the usage event
+        http = await loadgen.run(stack.base_url, "tiny", reqs[:2], vocab_size=vocab, timeout_s=60)
+        for r in http:
+            assert r.ok and r.hdr_prefill_ms is not None and r.hdr_prefill_ms > 0, r
+            assert r.hdr_kv_transfer_ms is not None and r.hdr_decode_queue_ms is not None
+            assert 0 < r.hdr_ttft_ms <= r.e2e_s * 1000
     finally:
         await stack.stop()
 
