@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# replace (not prepend to) the script folder: bench/profile.py would shadow the stdlib `profile`
+# that torch imports lazily (via cProfile)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from services.engine.batch import SeqWork, build_batch  # noqa: E402
 from services.engine.block_manager import blocks_for_budget, blocks_for_tokens  # noqa: E402

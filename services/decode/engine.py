@@ -10,9 +10,11 @@ use: benchmarks, tests) tokens go straight into each sequence's outbox.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import threading
 import time
+import weakref
 
 import structlog
 import torch
@@ -53,6 +55,8 @@ class DecodeEngine:
         self.step_ms = LatencyWindow()
         self.tokens_out = RateWindow()
         self.profile = StepProfile()
+        self._seq_ids: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
+        self._next_seq_id = itertools.count()
         self._detaching: dict[int, tuple[Sequence, asyncio.Future]] = {}  # id(seq) -> waiter
         self._wakeup = threading.Event()
         self._stopping = False
@@ -166,9 +170,12 @@ class DecodeEngine:
 
     def _work(self, seq: Sequence, n: int) -> SeqWork:
         done = seq.num_computed
+        seq_id = self._seq_ids.get(seq)
+        if seq_id is None:  # never reused, so the model can keep a sequence's KV rows across steps
+            seq_id = self._seq_ids[seq] = next(self._next_seq_id)
         return SeqWork(
             seq.tokens[done : done + n], done, self.kv.block_table(seq), sample=done + n == len(seq.tokens),
-            params=seq.params, seed=seq.seed, sample_index=seq.sample_index,
+            params=seq.params, seed=seq.seed, sample_index=seq.sample_index, seq_id=seq_id,
         )
 
     def _settle(self, plan: StepPlan) -> None:
