@@ -45,6 +45,7 @@ class DecodeMirror:
         self.seq_ids: tuple[int, ...] = ()
         self.next_pos: list[int] = []  # per row: positions [0, next_pos) are in the mirror
         self.cap_blocks = 0
+        self.rows_filled = 0  # rows gathered from the pool so far (steady decode adds none)
         self._cache: weakref.ref | None = None
 
     def forget(self) -> None:
@@ -67,6 +68,7 @@ class DecodeMirror:
         fill = fill_blocks = None
         if keep < b:
             fill = (keep, b)
+            self.rows_filled += b - keep
             tables = [t + [0] * (cap - len(t)) for t in group.tables[keep:]]
             fill_blocks = torch.tensor(tables, dtype=torch.long).flatten().to(cache.device)
         slots = torch.tensor([r * cap * bs + s for r, s in enumerate(group.starts)], dtype=torch.long)
