@@ -124,3 +124,22 @@ def test_outgrowing_the_mirror_and_a_new_cache_rebuild_it(pair):
             cache2.write(layer, mgr2.block_table(s.name), torch.stack((k[:, : s.prompt_len], v[:, : s.prompt_len])))
         s.done = s.prompt_len
     assert _step(ours, cache2, mgr2, [(a2, 1), (b2, 1)]) == 2
+
+
+def test_a_row_whose_start_is_not_the_next_position_is_refilled(pair):
+    """Defensive: the same sequence in the same row whose start jumped (its KV came from
+    elsewhere) is gathered again rather than trusted."""
+    _, _, ours = pair
+    cache = _cache(ours, 16)
+    mirror = ours.mirror
+
+    def group(starts):
+        work = [SeqWork([1], s, list(range(4 * i, 4 * i + 4)), sample=True, seq_id=1000 + i) for i, s in enumerate(starts)]
+        return build_batch(work, BS, torch.device("cpu")).decode
+
+    mirror.plan(group([5, 9]), cache)
+    assert mirror.plan(group([6, 10]), cache).fill is None
+    step = mirror.plan(group([7, 12]), cache)
+    assert step.fill == (1, 2)
+    kvh, cap = ours.config.num_kv_heads, mirror.cap_blocks * BS
+    assert step.slots.tolist() == [h * cap + 7 for h in range(kvh)] + [(kvh + h) * cap + 12 for h in range(kvh)]
