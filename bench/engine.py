@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -206,6 +207,7 @@ def main() -> None:
         "machine": machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "commit": commit(), "shape": args.shape, "dtype": str(dtype),
+        "load_average": os.getloadavg(),  # a shared box: wall-clock figures move with it
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token,
         "kv_pool_80GB": {"block_size": BLOCK_SIZE, "gpu_fraction": GPU_FRACTION, "blocks": pool_blocks,
                          "block_bytes_bf16": block_bytes, "max_2048_token_sequences": pool_blocks // per_seq,
