@@ -105,14 +105,16 @@ class Attention(nn.Module):
         """Write the step's new K/V into the paged cache, then attend over it.
 
         q [N, H, D], k and v [N, KVH, D] for the step's N new tokens; k_cache, v_cache
-        [blocks, block_size, KVH, D]. Returns [N, H * D]. Two calls whatever the number of
-        sequences: all decode rows, then all prefill chunks. Each gathers its blocks into a
-        reused buffer (on a GPU a paged-attention kernel would read the blocks in place), or
-        the decode rows come from `decode_kv(k, v) -> keys, values`, a DecodeMirror layer.
+        [blocks, block_size, KVH, D]. Returns [N, H * D]. At most three calls whatever the
+        number of sequences (see batch.py). Decode rows and chunks after a cached prefix
+        gather their blocks into a reused buffer (on a GPU a paged-attention kernel would read
+        the blocks in place), or the decode rows come from `decode_kv(k, v) -> keys, values`,
+        a DecodeMirror layer.
         """
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slot_ids, k)
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slot_ids, v)
-        outs = []
+        gqa = self.num_kv_heads != self.num_heads
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [N, H * D]
         g = batch.decode
         if g is not None:
             if decode_kv is not None:
@@ -122,17 +124,29 @@ class Attention(nn.Module):
             # the G query heads of a KV head share the row's mask, so they ride as G query rows
             # over that head's keys: no repeated K/V for GQA, and each kernel call sees G rows
             qd = q[: g.size].view(g.size, self.num_kv_heads, -1, self.head_dim)  # [B, KVH, G, D]
-            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=g.mask)  # [B, KVH, G, D]
-            outs.append(out.reshape(g.size, -1))  # [B, H * D]: head h = kv_head * G + g, as projected
+            res = F.scaled_dot_product_attention(qd, keys, values, attn_mask=g.mask)  # [B, KVH, G, D]
+            out[: g.size] = res.reshape(g.size, -1)  # head h = kv_head * G + g, as projected
         g = batch.prefill
         if g is not None:
             keys, values = scratch.gather("prefill", k_cache, v_cache, g)  # [C, KVH, S, D]
-            qc = q.index_select(0, g.rows).view(g.size, g.q_len, *q.shape[1:]).transpose(1, 2)  # [C, H, T, D]
-            out = F.scaled_dot_product_attention(
-                qc, keys, values, attn_mask=g.mask, enable_gqa=self.num_kv_heads != self.num_heads)
-            out = out.transpose(1, 2).reshape(g.size * g.q_len, -1)  # [C * T, H * D]
-            outs.append(out.index_select(0, g.outputs))  # [sum n, H * D], padding dropped
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            res = F.scaled_dot_product_attention(_padded(q, g), keys, values, attn_mask=g.mask, enable_gqa=gqa)
+            out.index_copy_(0, g.dest, _unpadded(res, g))
+        g = batch.fresh
+        if g is not None:  # from position 0: the chunk's own new K/V are all its keys
+            res = F.scaled_dot_product_attention(_padded(q, g), _padded(k, g), _padded(v, g), is_causal=True,
+                                                 enable_gqa=gqa)
+            out.index_copy_(0, g.dest, _unpadded(res, g))
+        return out
+
+
+def _padded(x: torch.Tensor, g) -> torch.Tensor:
+    """x [N, heads, D] -> [C, heads, T, D]: each chunk's rows, padded to the longest."""
+    return x.index_select(0, g.rows).view(g.size, g.q_len, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpadded(res: torch.Tensor, g) -> torch.Tensor:
+    """[C, H, T, D] -> [sum n, H * D]: the real rows, in the group's order."""
+    return res.transpose(1, 2).reshape(g.size * g.q_len, -1).index_select(0, g.outputs)
 
 
 class GatherScratch:
@@ -239,7 +253,7 @@ class CausalLM(nn.Module):
         """One engine step over the paged cache; returns logits [R, V] at batch.logit_rows."""
         dtype = self.embed_tokens.weight.dtype
         for g in (batch.decode, batch.prefill):  # once per step, not per layer
-            if g is not None and g.mask.dtype != dtype:
+            if g is not None and g.mask is not None and g.mask.dtype != dtype:
                 g.mask = g.mask.to(dtype)
         g = batch.decode
         # on CPU (no paged-attention kernel) decode rows attend over a mirror kept across steps
