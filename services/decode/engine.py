@@ -144,7 +144,7 @@ class DecodeEngine:
         when, seen, fit = self._fit
         now = time.monotonic()
         steps = self.steps_recorded
-        if steps != seen and now - when >= FIT_EVERY_S:
+        if steps != seen and (fit is None or now - when >= FIT_EVERY_S):  # no fit yet: retry at once
             self._fit = (now, steps, self.profile.fit(last=FIT_STEPS))
         return self._fit[2]
 

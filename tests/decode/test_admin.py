@@ -179,8 +179,10 @@ async def test_get_load_carries_the_step_time_fit_and_it_follows_new_steps(stack
     engine = stack.decode[0].engine
     client = _client(stack)
     await asyncio.gather(*(_stream_tokens(client, f"Fit {i}: " + "more words " * i, 12) for i in range(6)))
-    report = await stub.GetLoad(pb.Empty())
-    assert report.HasField("step_model")
+    deadline = time.monotonic() + 20
+    while not (report := await stub.GetLoad(pb.Empty())).HasField("step_model"):
+        assert time.monotonic() < deadline, "no step-time fit after serving requests"
+        await asyncio.sleep(0.2)
     first = report.step_model
     assert 0 < first.samples <= len(engine.profile)
     values = (first.base_ms, first.per_decode_ms, first.per_prefill_ms, first.per_context_ms)
