@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# replace (not prepend to) the script folder: bench/profile.py would shadow the stdlib `profile`
+# that torch imports lazily (via cProfile)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from services.engine.batch import SeqWork, build_batch  # noqa: E402
 from services.engine.block_manager import blocks_for_budget, blocks_for_tokens  # noqa: E402
@@ -204,6 +207,7 @@ def main() -> None:
         "machine": machine(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "commit": commit(), "shape": args.shape, "dtype": str(dtype),
+        "load_average": os.getloadavg(),  # a shared box: wall-clock figures move with it
         "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_per_token,
         "kv_pool_80GB": {"block_size": BLOCK_SIZE, "gpu_fraction": GPU_FRACTION, "blocks": pool_blocks,
                          "block_bytes_bf16": block_bytes, "max_2048_token_sequences": pool_blocks // per_seq,

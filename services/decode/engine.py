@@ -10,9 +10,11 @@ use: benchmarks, tests) tokens go straight into each sequence's outbox.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 import threading
 import time
+import weakref
 
 import structlog
 import torch
@@ -21,7 +23,7 @@ from ..common.stats import LatencyWindow, RateWindow
 from ..engine.batch import SeqWork
 from ..engine.block_manager import BlockManager, blocks_for_budget
 from ..engine.kv_cache import PagedKvCache, SlotPool
-from ..engine.profile import StepProfile, StepRecord
+from ..engine.profile import ServiceTimeModel, StepProfile, StepRecord
 from ..engine.runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
@@ -29,6 +31,8 @@ from .sequence import Sequence
 log = structlog.get_logger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
+FIT_STEPS = 1024  # the step-time fit uses the newest steps: recent load, and cheap in pure Python
+FIT_EVERY_S = 2.0  # refit at most this often (it runs on the event loop, from the load report)
 
 
 class DecodeEngine:
@@ -53,6 +57,10 @@ class DecodeEngine:
         self.step_ms = LatencyWindow()
         self.tokens_out = RateWindow()
         self.profile = StepProfile()
+        self.steps_recorded = 0
+        self._fit: tuple[float, int, ServiceTimeModel | None] = (0.0, 0, None)  # (when, steps seen, fit)
+        self._seq_ids: weakref.WeakKeyDictionary[Sequence, int] = weakref.WeakKeyDictionary()
+        self._next_seq_id = itertools.count()
         self._detaching: dict[int, tuple[Sequence, asyncio.Future]] = {}  # id(seq) -> waiter
         self._wakeup = threading.Event()
         self._stopping = False
@@ -130,6 +138,16 @@ class DecodeEngine:
     def running(self) -> int:
         return len(self.scheduler.running) + len(self.scheduler.waiting)
 
+    def step_model(self) -> ServiceTimeModel | None:
+        """The step-time fit over the newest steps, refreshed at most every FIT_EVERY_S while
+        steps keep coming; None until enough distinct steps were seen."""
+        when, seen, fit = self._fit
+        now = time.monotonic()
+        steps = self.steps_recorded
+        if steps != seen and (fit is None or now - when >= FIT_EVERY_S):  # no fit yet: retry at once
+            self._fit = (now, steps, self.profile.fit(last=FIT_STEPS))
+        return self._fit[2]
+
     @property
     def kv_used_tokens(self) -> int:
         return self.kv.num_used_blocks * self.kv.block_size
@@ -166,9 +184,12 @@ class DecodeEngine:
 
     def _work(self, seq: Sequence, n: int) -> SeqWork:
         done = seq.num_computed
+        seq_id = self._seq_ids.get(seq)
+        if seq_id is None:  # never reused, so the model can keep a sequence's KV rows across steps
+            seq_id = self._seq_ids[seq] = next(self._next_seq_id)
         return SeqWork(
             seq.tokens[done : done + n], done, self.kv.block_table(seq), sample=done + n == len(seq.tokens),
-            params=seq.params, seed=seq.seed, sample_index=seq.sample_index,
+            params=seq.params, seed=seq.seed, sample_index=seq.sample_index, seq_id=seq_id,
         )
 
     def _settle(self, plan: StepPlan) -> None:
@@ -189,6 +210,7 @@ class DecodeEngine:
         ms = (time.perf_counter() - start) * 1000
         decode = sum(1 for _, n in plan.work if n == 1)
         self.profile.record(StepRecord(time.time(), len(plan.work), decode, plan.num_tokens - decode, context, ms))
+        self.steps_recorded += 1
         self.step_ms.add(ms)
         self.tokens_out.add(len(grew))
         self._deliver(deliveries)

@@ -141,6 +141,7 @@ class DecodeWorker(Worker):
             output_tokens_per_s=e.tokens_out.rate(),
             step_ms_p50=e.step_ms.percentile(50),
             step_ms_p95=e.step_ms.percentile(95),
+            step_model=e.step_model(),
         )
 
     async def drain(self, grace_s: float) -> None:

@@ -3,8 +3,12 @@
 A step mixes decode rows (one new token, attending to everything before it) and prefill
 chunks (n new tokens starting at an offset, attending to the cached prefix and causally to
 each other). All tokens go through the projections and MLPs as one [N, hidden] matrix;
-only attention is grouped: decode rows together, each chunk on its own. Index tensors are
-built on the host once per step and moved with one copy each.
+attention runs in at most three batched calls, whatever the number of sequences: every
+decode row in one; every chunk over a cached prefix (padded to the longest) in another; every
+chunk from position 0 in a third, causal over its own new K/V (no gather, no mask, so the
+kernel skips the upper triangle). Everything a group needs (which
+pool blocks to gather, which queries to pick, the additive mask) is built here on the host,
+once per step, moved with one copy per tensor and reused by every layer.
 """
 
 from __future__ import annotations
@@ -27,14 +31,25 @@ class SeqWork:
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
     sample_index: int = 0  # output index of the sampled token in the client's request
+    seq_id: int = -1  # unique for the sequence's life in its engine; -1: unknown (no KV reuse across steps)
 
 
 @dataclass
-class Chunk:
-    row: int  # first row of the chunk in the flattened batch
-    n: int
-    table: torch.Tensor | None  # [blocks] long; None: the chunk starts at position 0
-    mask: torch.Tensor | None  # [1, 1, n, blocks * block_size] bool: which cached keys each row sees
+class AttentionGroup:
+    """Sequences whose attention runs as one call: B sequences, T query rows each (padded),
+    keys gathered from `blocks` as [B, width * block_size]."""
+
+    size: int  # B
+    q_len: int  # T: 1 for decode rows, the longest chunk for prefill chunks
+    width: int  # blocks per sequence after padding (short tables padded with block 0, masked)
+    blocks: torch.Tensor | None  # [B * width] long: pool block ids, row-major (None: fresh chunks)
+    mask: torch.Tensor | None  # [B, 1, T, width * block_size] float: 0 where a query sees a key, -inf elsewhere
+    rows: torch.Tensor | None  # [B * T] long: batch row of each padded query (None: rows 0..B-1)
+    outputs: torch.Tensor | None  # [sum n] long: which of the B * T results are real, in batch row order
+    dest: torch.Tensor | None  # [sum n] long: the batch rows those real results belong to
+    seq_ids: tuple[int, ...]  # per sequence, host side (see decode_mirror.py)
+    starts: tuple[int, ...]  # first new position per sequence
+    tables: list[list[int]]  # blocks per sequence, unpadded
 
 
 @dataclass
@@ -42,10 +57,10 @@ class StepBatch:
     tokens: torch.Tensor  # [N] long
     positions: torch.Tensor  # [N] long
     slot_ids: torch.Tensor  # [N] long: where each new token's K/V is written
-    num_decode: int  # rows [0, num_decode) are one-token decode rows
-    decode_tables: torch.Tensor | None  # [num_decode, blocks] long (padded with block 0)
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, blocks * block_size] bool
-    chunks: list[Chunk]
+    num_decode: int  # rows [0, num_decode) are one-token decode rows; chunk rows follow
+    decode: AttentionGroup | None
+    prefill: AttentionGroup | None  # chunks after a cached prefix
+    fresh: AttentionGroup | None  # chunks from position 0: causal over their own K/V
     logit_rows: torch.Tensor  # [R] rows whose logits are sampled
     sampled: list[int]  # input indices of the items that sample, in logit_rows order
 
@@ -58,47 +73,60 @@ def build_batch(work: list[SeqWork], block_size: int, device: torch.device) -> S
     slots: list[int] = []
     logit_rows: list[int] = []
     sampled: list[int] = []
-    num_decode = sum(1 for w in work if len(w.tokens) == 1)
-    dec_tables: list[list[int]] = []
-    dec_lens: list[int] = []
-    chunks: list[Chunk] = []
+    decode: list[tuple[list[int], int, int, int, int]] = []  # (blocks, first row, start, n, seq_id)
+    chunks: list[tuple[list[int], int, int, int, int]] = []
+    fresh: list[tuple[list[int], int, int, int, int]] = []
     for i in order:
         w = work[i]
         row = len(tokens)
         n = len(w.tokens)
         tokens.extend(w.tokens)
-        for p in range(w.start, w.start + n):
-            positions.append(p)
-            slots.append(w.table[p // block_size] * block_size + p % block_size)
+        positions.extend(range(w.start, w.start + n))
+        slots.extend(w.table[p // block_size] * block_size + p % block_size for p in range(w.start, w.start + n))
         if w.sample:
             logit_rows.append(row + n - 1)
             sampled.append(i)
         used = w.table[: -(-(w.start + n) // block_size)]  # blocks holding positions < start + n
-        if n == 1:
-            dec_tables.append(used)
-            dec_lens.append(w.start + 1)
-        elif w.start == 0:  # nothing cached before it: plain causal attention over its own K/V
-            chunks.append(Chunk(row, n, None, None))
-        else:
-            keys = torch.arange(len(used) * block_size)
-            queries = torch.arange(w.start, w.start + n)
-            mask = (keys[None, :] <= queries[:, None])[None, None]  # causal, offset by the cached prefix
-            chunks.append(Chunk(row, n, torch.tensor(used, device=device), mask.to(device)))
-    decode_tables = decode_mask = None
-    if num_decode:
-        width = max(len(t) for t in dec_tables)
-        padded = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables])  # [Dd, blocks]
-        keys = torch.arange(width * block_size)
-        decode_mask = (keys[None, :] < torch.tensor(dec_lens)[:, None])[:, None, None].to(device)
-        decode_tables = padded.to(device)
+        (decode if n == 1 else fresh if w.start == 0 else chunks).append((used, row, w.start, n, w.seq_id))
     return StepBatch(
         tokens=torch.tensor(tokens, device=device),
         positions=torch.tensor(positions, device=device),
         slot_ids=torch.tensor(slots, device=device),
-        num_decode=num_decode,
-        decode_tables=decode_tables,
-        decode_mask=decode_mask,
-        chunks=chunks,
+        num_decode=len(decode),
+        decode=_group(decode, block_size, device, with_rows=False) if decode else None,
+        prefill=_group(chunks, block_size, device, with_rows=True) if chunks else None,
+        fresh=_group(fresh, block_size, device, with_rows=True, causal=True) if fresh else None,
         logit_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
         sampled=sampled,
     )
+
+
+def _group(items: list[tuple[list[int], int, int, int, int]], block_size: int, device: torch.device,
+           with_rows: bool, causal: bool = False) -> AttentionGroup:
+    """items: (blocks, first row, start, n, seq_id) per sequence, in batch row order. causal:
+    chunks from position 0, which need neither blocks nor a mask."""
+    tables, first_rows, start_list, lens_list, seq_ids = (list(x) for x in zip(*items))
+    width = max(len(b) for b in tables)
+    t = max(lens_list)
+    starts = torch.tensor(start_list)  # [B]
+    lens = torch.tensor(lens_list)  # [B]
+    rows = outputs = dest = None
+    if with_rows:
+        first = torch.tensor(first_rows)
+        # padded queries read the sequence's last real row (any valid row would do)
+        rows = (first[:, None] + torch.minimum(torch.arange(t)[None], lens[:, None] - 1)).flatten()
+        outputs = torch.cat([torch.arange(n) + k * t for k, n in enumerate(lens_list)])
+        dest = torch.cat([torch.arange(r, r + n) for r, n in zip(first_rows, lens_list)])
+        rows, outputs, dest = rows.to(device), outputs.to(device), dest.to(device)
+    if causal:
+        return AttentionGroup(len(items), t, width, None, None, rows, outputs, dest, tuple(seq_ids),
+                              tuple(start_list), tables)
+    blocks = torch.tensor([b + [0] * (width - len(b)) for b in tables])  # [B, width]
+    # query q of a sequence sits at position start + q; padded queries repeat the last real
+    # one, so every mask row sees at least one key (an all -inf row would give NaN)
+    q_pos = starts[:, None] + torch.minimum(torch.arange(t)[None], lens[:, None] - 1)  # [B, T]
+    keys = torch.arange(width * block_size)
+    visible = keys[None, None, :] <= q_pos[:, :, None]  # [B, T, S]: causal, offset by the cached prefix
+    mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))[:, None]  # [B, 1, T, S]
+    return AttentionGroup(len(items), t, width, blocks.flatten().to(device), mask.to(device), rows, outputs,
+                          dest, tuple(seq_ids), tuple(start_list), tables)

@@ -14,12 +14,14 @@ Q/K/V and gate/up projections are fused into single matmuls.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .batch import StepBatch
+from .decode_mirror import DecodeMirror
 from .kv_cache import KvCache, PagedKvCache
 from .model_config import ModelConfig
 
@@ -98,44 +100,78 @@ class Attention(nn.Module):
 
     def attend_paged(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-        batch: StepBatch,
+        batch: StepBatch, scratch: "GatherScratch", decode_kv=None,
     ) -> torch.Tensor:
         """Write the step's new K/V into the paged cache, then attend over it.
 
-        q [H, N, D], k and v [KVH, N, D] for the step's N new tokens; k_cache, v_cache
-        [blocks, block_size, KVH, D]. Returns [N, H * D]. Each group gathers its blocks into a
-        contiguous view (on a GPU a paged-attention kernel reads the blocks in place instead).
+        q [N, H, D], k and v [N, KVH, D] for the step's N new tokens; k_cache, v_cache
+        [blocks, block_size, KVH, D]. Returns [N, H * D]. At most three calls whatever the
+        number of sequences (see batch.py). Decode rows and chunks after a cached prefix
+        gather their blocks into a reused buffer (on a GPU a paged-attention kernel would read
+        the blocks in place), or the decode rows come from `decode_kv(k, v) -> keys, values`,
+        a DecodeMirror layer.
         """
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slot_ids, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slot_ids, v)
         gqa = self.num_kv_heads != self.num_heads
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, batch.slot_ids, k.transpose(0, 1))
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, batch.slot_ids, v.transpose(0, 1))
-        outs = []
-        nd = batch.num_decode
-        if nd:
-            keys = _gather(k_cache, batch.decode_tables)  # [Dd, KVH, S, D]
-            values = _gather(v_cache, batch.decode_tables)
-            qd = q[:, :nd].transpose(0, 1)[:, :, None]  # [Dd, H, 1, D]
-            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa)
-            outs.append(out.reshape(nd, -1))  # [Dd, H * D]
-        for c in batch.chunks:
-            qc = q[None, :, c.row : c.row + c.n]  # [1, H, n, D]
-            if c.table is None:  # a chunk from position 0 sees only itself: no gather, no mask
-                kc, vc = k[None, :, c.row : c.row + c.n], v[None, :, c.row : c.row + c.n]  # [1, KVH, n, D]
-                out = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=gqa)
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])  # [N, H * D]
+        g = batch.decode
+        if g is not None:
+            if decode_kv is not None:
+                keys, values = decode_kv(k[: g.size], v[: g.size])  # [B, KVH, S, D]
             else:
-                keys = _gather(k_cache, c.table[None])  # [1, KVH, S, D]
-                values = _gather(v_cache, c.table[None])
-                out = F.scaled_dot_product_attention(qc, keys, values, attn_mask=c.mask, enable_gqa=gqa)
-            outs.append(out[0].transpose(0, 1).reshape(c.n, -1))  # [n, H * D]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+                keys, values = scratch.gather("decode", k_cache, v_cache, g)
+            # the G query heads of a KV head share the row's mask, so they ride as G query rows
+            # over that head's keys: no repeated K/V for GQA, and each kernel call sees G rows
+            qd = q[: g.size].view(g.size, self.num_kv_heads, -1, self.head_dim)  # [B, KVH, G, D]
+            res = F.scaled_dot_product_attention(qd, keys, values, attn_mask=g.mask)  # [B, KVH, G, D]
+            out[: g.size] = res.reshape(g.size, -1)  # head h = kv_head * G + g, as projected
+        g = batch.prefill
+        if g is not None:
+            keys, values = scratch.gather("prefill", k_cache, v_cache, g)  # [C, KVH, S, D]
+            res = F.scaled_dot_product_attention(_padded(q, g), keys, values, attn_mask=g.mask, enable_gqa=gqa)
+            out.index_copy_(0, g.dest, _unpadded(res, g))
+        g = batch.fresh
+        if g is not None:  # from position 0: the chunk's own new K/V are all its keys
+            res = F.scaled_dot_product_attention(_padded(q, g), _padded(k, g), _padded(v, g), is_causal=True,
+                                                 enable_gqa=gqa)
+            out.index_copy_(0, g.dest, _unpadded(res, g))
+        return out
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """cache [blocks, block_size, KVH, D], tables [B, n] -> [B, KVH, n * block_size, D] (a
-    strided view over one copy; index_select is ~1.5x faster than advanced indexing on CPU)."""
-    b = tables.shape[0]
-    rows = cache.index_select(0, tables.flatten())  # [B * n, block_size, KVH, D]
-    return rows.view(b, -1, *cache.shape[2:]).transpose(1, 2)
+def _padded(x: torch.Tensor, g) -> torch.Tensor:
+    """x [N, heads, D] -> [C, heads, T, D]: each chunk's rows, padded to the longest."""
+    return x.index_select(0, g.rows).view(g.size, g.q_len, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpadded(res: torch.Tensor, g) -> torch.Tensor:
+    """[C, H, T, D] -> [sum n, H * D]: the real rows, in the group's order."""
+    return res.transpose(1, 2).reshape(g.size * g.q_len, -1).index_select(0, g.outputs)
+
+
+class GatherScratch:
+    """Buffers that paged blocks are gathered into, kept across layers and steps: allocating
+    tens of MB per layer per step costs page faults on CPU and allocator churn on a GPU."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+    def gather(self, name: str, k_cache: torch.Tensor, v_cache: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+        """k_cache, v_cache [blocks, block_size, KVH, D] -> keys, values [B, KVH, width * block_size, D]
+        (strided views over one copy; index_select is ~1.5x faster than advanced indexing on CPU)."""
+        shape = (group.blocks.shape[0], *k_cache.shape[1:])  # [B * width, block_size, KVH, D]
+        out = []
+        for kind, cache in (("k", k_cache), ("v", v_cache)):
+            rows = torch.index_select(cache, 0, group.blocks, out=self._buffer(name + kind, shape, cache))
+            out.append(rows.view(group.size, -1, *cache.shape[2:]).transpose(1, 2))
+        return out[0], out[1]
 
 
 class MLP(nn.Module):
@@ -168,6 +204,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope_cos = self.rope_sin = None  # filled by set_rope_tables() once weights are placed
+        self.scratch = GatherScratch()  # forward_paged's gather buffers
+        self.mirror = DecodeMirror()  # forward_paged's decode rows, kept across steps (CPU)
 
     def set_rope_tables(self, device: torch.device, dtype: torch.dtype) -> None:
         """cos/sin for every position, computed in float32 as transformers does, then cast.
@@ -217,12 +255,27 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def forward_paged(self, batch: StepBatch, cache: PagedKvCache) -> torch.Tensor:
         """One engine step over the paged cache; returns logits [R, V] at batch.logit_rows."""
+        dtype = self.embed_tokens.weight.dtype
+        for g in (batch.decode, batch.prefill):  # once per step, not per layer
+            if g is not None and g.mask is not None and g.mask.dtype != dtype:
+                g.mask = g.mask.to(dtype)
+        g = batch.decode
+        # on CPU (no paged-attention kernel) decode rows attend over a mirror kept across steps
+        # instead of gathering their blocks every layer; on a GPU the gather is cheap and the
+        # mirror would take memory the KV pool was sized to use
+        step = None
+        if g is not None and cache.device.type == "cpu" and min(g.seq_ids) >= 0:
+            step = self.mirror.plan(g, cache)
+        else:
+            self.mirror.forget()
         h = self.embed_tokens(batch.tokens)[None]  # [1, N, hidden]
         cos, sin = self._rope(batch.positions[None])  # [1, N, 1, D]
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = attn.project(layer.input_layernorm(h), cos, sin)  # q [1, H, N, D], k, v [1, KVH, N, D]
-            out = attn.attend_paged(q[0], k[0], v[0], cache.k[i], cache.v[i], batch)  # [N, H * D]
+            decode_kv = None if step is None else partial(self.mirror.update, i, step, cache.k[i], cache.v[i])
+            out = attn.attend_paged(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                    cache.k[i], cache.v[i], batch, self.scratch, decode_kv)  # [N, H * D]
             h = h + attn.o_proj(out)[None]
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self._logits(h[0, batch.logit_rows])

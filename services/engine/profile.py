@@ -77,10 +77,11 @@ class StepProfile:
             "tokens_per_busy_s": sum(s.tokens for s in steps) / busy_s if busy_s else 0.0,
         }
 
-    def fit(self) -> ServiceTimeModel | None:
-        """Least-squares service-time model over the ring; None with too few distinct steps.
-        Features that never vary (e.g. no prefill seen) get a zero coefficient."""
-        steps = self.records()
+    def fit(self, last: int = 0) -> ServiceTimeModel | None:
+        """Least-squares service-time model over the ring (its newest `last` steps if > 0); None
+        with too few distinct steps. Features that never vary (e.g. no prefill seen) get a
+        zero coefficient."""
+        steps = self.records()[-last:] if last > 0 else self.records()
         rows = [(1.0, s.decode_tokens, s.prefill_tokens, s.context_tokens) for s in steps]
         active = [0] + [j for j in (1, 2, 3) if len({r[j] for r in rows}) > 1]
         if len(steps) < 2 * len(active):

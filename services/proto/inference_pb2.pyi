@@ -261,7 +261,7 @@ class RuntimeConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_concurrency: _Optional[int] = ..., prefill_chunk_size: _Optional[int] = ..., local_prefill_threshold: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("worker_id", "stage", "address", "host_id", "model", "timestamp_unix", "queue_len", "queued_tokens", "running_seqs", "kv_used_tokens", "kv_capacity_tokens", "prompt_tokens_per_s", "output_tokens_per_s", "step_ms_p50", "step_ms_p95", "oldest_deadline_slack_s", "gpu_share", "device", "config", "draining", "ttft_ms_p95", "itl_ms_p95")
+    __slots__ = ("worker_id", "stage", "address", "host_id", "model", "timestamp_unix", "queue_len", "queued_tokens", "running_seqs", "kv_used_tokens", "kv_capacity_tokens", "prompt_tokens_per_s", "output_tokens_per_s", "step_ms_p50", "step_ms_p95", "oldest_deadline_slack_s", "gpu_share", "device", "config", "draining", "ttft_ms_p95", "itl_ms_p95", "step_model")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class LoadReport(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_P95_FIELD_NUMBER: _ClassVar[int]
     ITL_MS_P95_FIELD_NUMBER: _ClassVar[int]
+    STEP_MODEL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stage: str
     address: str
@@ -306,7 +307,22 @@ class LoadReport(_message.Message):
     draining: bool
     ttft_ms_p95: float
     itl_ms_p95: float
-    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., model: _Optional[str] = ..., timestamp_unix: _Optional[float] = ..., queue_len: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_seqs: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., prompt_tokens_per_s: _Optional[float] = ..., output_tokens_per_s: _Optional[float] = ..., step_ms_p50: _Optional[float] = ..., step_ms_p95: _Optional[float] = ..., oldest_deadline_slack_s: _Optional[float] = ..., gpu_share: _Optional[float] = ..., device: _Optional[str] = ..., config: _Optional[_Union[RuntimeConfig, _Mapping]] = ..., draining: _Optional[bool] = ..., ttft_ms_p95: _Optional[float] = ..., itl_ms_p95: _Optional[float] = ...) -> None: ...
+    step_model: StepTimeModel
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., address: _Optional[str] = ..., host_id: _Optional[str] = ..., model: _Optional[str] = ..., timestamp_unix: _Optional[float] = ..., queue_len: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running_seqs: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_capacity_tokens: _Optional[int] = ..., prompt_tokens_per_s: _Optional[float] = ..., output_tokens_per_s: _Optional[float] = ..., step_ms_p50: _Optional[float] = ..., step_ms_p95: _Optional[float] = ..., oldest_deadline_slack_s: _Optional[float] = ..., gpu_share: _Optional[float] = ..., device: _Optional[str] = ..., config: _Optional[_Union[RuntimeConfig, _Mapping]] = ..., draining: _Optional[bool] = ..., ttft_ms_p95: _Optional[float] = ..., itl_ms_p95: _Optional[float] = ..., step_model: _Optional[_Union[StepTimeModel, _Mapping]] = ...) -> None: ...
+
+class StepTimeModel(_message.Message):
+    __slots__ = ("base_ms", "per_decode_ms", "per_prefill_ms", "per_context_ms", "samples")
+    BASE_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_PREFILL_MS_FIELD_NUMBER: _ClassVar[int]
+    PER_CONTEXT_MS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    base_ms: float
+    per_decode_ms: float
+    per_prefill_ms: float
+    per_context_ms: float
+    samples: int
+    def __init__(self, base_ms: _Optional[float] = ..., per_decode_ms: _Optional[float] = ..., per_prefill_ms: _Optional[float] = ..., per_context_ms: _Optional[float] = ..., samples: _Optional[int] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()

@@ -14,6 +14,7 @@ from services.common.load_report import LoadReport
 from services.common.registry import WorkerDirectory, WorkerRegistration
 from services.common.runtime_config import RuntimeConfig
 from services.common.store import connect
+from services.engine.profile import ServiceTimeModel
 
 TTL_S = 0.5
 INTERVAL_S = 0.1
@@ -236,3 +237,17 @@ async def test_router_directory_does_not_hold_a_stale_report(store, prefix):
     assert [w.worker_id for w in await router.workers("decode")] == ["w-stale"]
     await stale.stop()
     assert await router.workers("decode") == []
+
+
+async def test_decode_step_time_fit_travels_through_the_store(store, prefix):
+    fit = ServiceTimeModel(base_ms=3.5, per_decode_ms=0.25, per_prefill_ms=0.05, per_context_ms=0.001, samples=812)
+    report = _report("w-fit", step_model=fit)
+    reg = _registration(store, prefix, lambda: report)
+    await reg.start()
+    try:
+        (got,) = await WorkerDirectory(store, prefix).workers("decode")
+        assert got.step_model == fit
+        assert got.step_model.predict(32, 0, 4000) == fit.predict(32, 0, 4000)
+    finally:
+        await reg.stop()
+    assert LoadReport.from_bytes(_report("w-none").to_bytes()).step_model is None  # unset until fitted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import grpc
@@ -12,6 +13,7 @@ import pytest_asyncio
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.load_report import LoadReport
 from services.proto import inference_pb2 as pb
 from services.proto import inference_pb2_grpc as pb_grpc
 from tests.stack import start_stack
@@ -170,3 +172,27 @@ async def test_batch_size_swap_while_streaming_keeps_tokens(stack, admin):
     assert during and set(during) == {1}
     assert after and max(after) > 1
     assert (await stub.GetConfig(pb.Empty())).max_batch_size == 8
+
+
+async def test_get_load_carries_the_step_time_fit_and_it_follows_new_steps(stack, admin):
+    stub, _ = admin
+    engine = stack.decode[0].engine
+    client = _client(stack)
+    await asyncio.gather(*(_stream_tokens(client, f"Fit {i}: " + "more words " * i, 12) for i in range(6)))
+    deadline = time.monotonic() + 20
+    while not (report := await stub.GetLoad(pb.Empty())).HasField("step_model"):
+        assert time.monotonic() < deadline, "no step-time fit after serving requests"
+        await asyncio.sleep(0.2)
+    first = report.step_model
+    assert 0 < first.samples <= len(engine.profile)
+    values = (first.base_ms, first.per_decode_ms, first.per_prefill_ms, first.per_context_ms)
+    assert all(math.isfinite(x) for x in values) and any(x != 0 for x in values)
+    # the same fit reaches the store (the tuner and the scaler read it there)
+    assert LoadReport.from_bytes(report.SerializeToString()).step_model.samples == first.samples
+
+    await asyncio.gather(*(_stream_tokens(client, f"Refit {i}: " + "other words " * i, 16) for i in range(6)))
+    deadline = time.monotonic() + 20
+    while (report := await stub.GetLoad(pb.Empty())).step_model == first:
+        assert time.monotonic() < deadline, "the fit did not follow the new steps"
+        await asyncio.sleep(0.2)
+    assert report.step_model.samples >= first.samples  # a newer fit (a full ring keeps its size)

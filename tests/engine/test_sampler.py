@@ -121,3 +121,30 @@ def test_tiny_positive_temperature_is_greedy_and_does_not_poison_batch():
     params = [SamplingParams(temperature=1e-38), GREEDY, SamplingParams(temperature=1.0)]
     out = sample(logits, params, [1, 2, 3], [0, 0, 0])
     assert out[:2] == logits.argmax(-1).tolist()[:2]
+
+
+def test_draws_follow_the_tempered_distribution():
+    """One batched call of 4,000 rows (the same logits, token indices 0..3999): the
+    frequencies follow softmax(logits / temperature) and ignore tokens at -inf."""
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    row = torch.full((V,), -math.inf)
+    row[:3] = probs.log()
+    n = 4000
+    for temperature in (1.0, 0.5):
+        params = [SamplingParams(temperature=temperature)] * n
+        out = torch.tensor(sample(row.expand(n, V).contiguous(), params, [7] * n, list(range(n))))
+        assert out.max() < 3
+        freq = torch.bincount(out, minlength=3).float() / n
+        expect = torch.softmax(probs.log() / temperature, -1)
+        assert (freq - expect).abs().max() < 0.03, (temperature, freq, expect)
+
+
+def test_greedy_and_sampled_rows_mix_in_one_call():
+    logits = _logits(6, seed=8)
+    params = [GREEDY, SamplingParams(temperature=1.0, top_k=1), GREEDY,
+              SamplingParams(temperature=0.7, top_p=0.8), GREEDY, SamplingParams(temperature=2.0)]
+    out = sample(logits, params, list(range(6)), [3] * 6)
+    argmax = logits.argmax(-1).tolist()
+    assert [out[i] for i in (0, 1, 2, 4)] == [argmax[i] for i in (0, 1, 2, 4)]
+    for i in (3, 5):  # each sampled row is what it would be alone
+        assert out[i] == _one(logits[i], params[i], i, 3)
