@@ -17,18 +17,14 @@ import torch
 from services.engine.batch import SeqWork, build_batch
 from services.engine.block_manager import BlockManager
 from services.engine.decode_mirror import MARGIN_BLOCKS
-from tests.engine.test_model import TOL, _build, _hf_kv
+from tests.engine.test_model import _build, _hf_kv
 from tests.engine.test_paged_model import BS, _cache, _make
+from tests.engine.test_paged_model import _step as paged_step
 
 _ids = itertools.count()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -39,24 +35,10 @@ def pair(tmp_path_factory):
 def _step(ours, cache, mgr, plan) -> int:
     """plan: [(seq, n)]; checks every row's logits; returns the rows the mirror gathered."""
     before = ours.mirror.rows_filled
-    work, targets = [], []
-    for s, n in plan:
+    for s, _ in plan:
         if not hasattr(s, "seq_id"):
             s.seq_id = next(_ids)
-        target = s.done + n
-        if not mgr.has(s.name):
-            s.done = mgr.allocate(s.name, s.tokens[:target])
-        assert mgr.grow(s.name, target)
-        work.append(SeqWork(s.tokens[s.done : target], s.done, mgr.block_table(s.name), sample=True, seq_id=s.seq_id))
-        targets.append(target)
-    logits = ours.forward_paged(build_batch(work, BS, torch.device("cpu")), cache)
-    order = sorted(range(len(plan)), key=lambda i: len(work[i].tokens) != 1)
-    for row, i in zip(logits, order):
-        s = plan[i][0]
-        s.done = targets[i]
-        err = (row - s.ref[s.done - 1]).abs().max()
-        assert err < TOL, f"{s.name} at position {s.done - 1}: max abs err {err}"
-        mgr.commit(s.name, s.tokens, s.done)
+    paged_step(ours, cache, mgr, plan)
     return ours.mirror.rows_filled - before
 
 

@@ -44,7 +44,8 @@ def _cache(ours, blocks):
 
 
 def _step(ours, cache, mgr, plan):
-    """plan: [(seq, n)]: feed n more tokens of each; check the logits of each last row."""
+    """plan: [(seq, n)]: feed n more tokens of each; check the logits of each last row. A seq with
+    a `seq_id` attribute is named by it (so the CPU decode mirror keeps its rows across steps)."""
     work = []
     targets = []
     for s, n in plan:
@@ -52,7 +53,8 @@ def _step(ours, cache, mgr, plan):
         if not mgr.has(s.name):
             s.done = mgr.allocate(s.name, s.tokens[:target])  # a prefix-cache hit skips ahead
         assert mgr.grow(s.name, target)
-        work.append(SeqWork(s.tokens[s.done : target], s.done, mgr.block_table(s.name), sample=True))
+        work.append(SeqWork(s.tokens[s.done : target], s.done, mgr.block_table(s.name), sample=True,
+                            seq_id=getattr(s, "seq_id", -1)))
         targets.append(target)
     logits = ours.forward_paged(build_batch(work, BS, torch.device("cpu")), cache)
     # logits come back in decode-rows-first order

@@ -3,7 +3,6 @@ a hand-made profile and with real probe processes on the tiny MoE model."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import uuid
@@ -11,13 +10,13 @@ import uuid
 import pytest
 
 from services.cli import main as cli_main
-from services.common.store import connect
 from services.tuner.knee import find_knee
 from services.tuner.probe import Measurement, ProbeItem
 from services.tuner.profiler import ProfileGrid, profile
 from services.tuner.selection import choose
 from services.tuner.shares import ShareMechanism
 from services.tuner.table import TuningTable
+from tests.tuner.test_profiler import stored_table
 
 SHARES = ShareMechanism("mps").grid(0.1)
 GRID = ProfileGrid(stages=("experts",))
@@ -104,14 +103,7 @@ def test_probe_processes_profile_the_tiny_moe_experts_into_the_store(tmp_path, t
     assert all(k["knee"] == 0.5 and k["measured_shares"] == [0.5] for k in knees)  # one share: one process
     assert "cost: 4 measurements in 1 processes" in printed
 
-    async def stored():
-        store = connect(store_url)
-        try:
-            return await TuningTable.load(store, prefix)
-        finally:
-            await store.aclose()
-
-    table = asyncio.run(stored())
+    table = stored_table(store_url, prefix)
     assert table.shares(tiny_moe_model.name, "experts", "cpu") == [0.5]
     assert len(table.all_points()) == len(everything) == 4
 

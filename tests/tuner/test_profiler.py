@@ -55,6 +55,18 @@ class HandMade:
         return out
 
 
+def stored_table(store_url: str, prefix: str) -> TuningTable:
+    """The tuning table as the store holds it now."""
+
+    async def load() -> TuningTable:
+        store = connect(store_url)
+        try:
+            return await TuningTable.load(store, prefix)
+        finally:
+            await store.aclose()
+
+    return asyncio.run(load())
+
 def test_knees_match_the_full_grid_at_a_fraction_of_its_cost() -> None:
     measure = HandMade()
     result = profile(GRID, SHARES, measure, "m", "H100")
@@ -124,14 +136,7 @@ def test_probe_processes_measure_the_tiny_model_and_write_store_and_export(tmp_p
     knees = json.loads(report.read_text())
     assert knees["cost"]["processes"] == 1 and len(knees["knees"]) == 4
 
-    async def stored():
-        store = connect(store_url)
-        try:
-            return await TuningTable.load(store, prefix)
-        finally:
-            await store.aclose()
-
-    table = asyncio.run(stored())
+    table = stored_table(store_url, prefix)
     assert sorted(p.row_key() for p in table.all_points()) == sorted(p.row_key() for p in points)
 
 
