@@ -302,12 +302,15 @@ class Autoscaling:
         self._loop.run_until_complete(main())
 
     async def _count_ready(self, directory) -> None:
+        from .common.tasks import raise_if_cancelling
+
         stages = {so.stage for so in self.objects}
         while True:
             try:
                 for stage in stages:
                     self.stack.ready_counts[stage] = sum(not w.draining for w in await directory.workers(stage))
             except Exception as exc:  # store down: keep the last counts
+                raise_if_cancelling(exc)
                 print(f"elastune: cannot read workers from the store: {exc}", file=sys.stderr, flush=True)
             await asyncio.sleep(1.0)
 

@@ -34,7 +34,7 @@ from services.autoscaler.events import (
 from services.autoscaler.hpa import KedaScaledObjectState, MetricTarget, metric_value, target_size
 from services.autoscaler.scaledobject import EXTERNAL_TRIGGERS, ScaledObject, Trigger
 from services.common import keys
-from services.common.tasks import spawn
+from services.common.tasks import raise_if_cancelling, spawn
 from services.proto import externalscaler_pb2 as pb
 from services.proto import externalscaler_pb2_grpc as pb_grpc
 
@@ -143,7 +143,8 @@ class LocalAutoscaler:
         while True:
             try:
                 await self._reconcile(s)
-            except Exception:  # a failed poll must not end the loop; the next one retries
+            except Exception as exc:  # a failed poll must not end the loop; the next one retries
+                raise_if_cancelling(exc)
                 log.exception("autoscaler.poll_failed", scaled_object=s.so.name)
             await asyncio.sleep(s.so.polling_interval_s)
 
@@ -264,7 +265,8 @@ class LocalAutoscaler:
                 return
             try:
                 await self._apply(s, current, move[0], move[1], now)
-            except Exception:  # the stream stays open; the next poll or push retries
+            except Exception as exc:  # the stream stays open; the next poll or push retries
+                raise_if_cancelling(exc)
                 log.exception("autoscaler.push_scale_failed", scaled_object=s.so.name)
 
     def _stub(self, trigger: Trigger) -> pb_grpc.ExternalScalerStub:

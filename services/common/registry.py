@@ -19,7 +19,7 @@ import structlog
 
 from . import keys
 from .load_report import LoadReport
-from .tasks import spawn
+from .tasks import raise_if_cancelling, spawn
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +58,7 @@ class WorkerRegistration:
             try:
                 await self.publish()
             except (aioredis.RedisError, OSError) as exc:  # store down: keep serving, retry next beat
+                raise_if_cancelling(exc)
                 if self.store_ok:  # once per outage, not once per beat
                     log.warning("registry.store_unreachable", error=str(exc)[:200])
                 self.store_ok = False

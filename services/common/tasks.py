@@ -20,3 +20,16 @@ def spawn(coro: Coroutine, name: str) -> asyncio.Task:
     task = asyncio.get_running_loop().create_task(coro, name=name)
     task.add_done_callback(_report)
     return task
+
+
+def raise_if_cancelling(exc: BaseException) -> None:
+    """Call from `except Exception` in a loop that must stop when its task is cancelled.
+
+    A cancel can come out of a client call as an ordinary error: the store client's own timeout
+    firing together with our cancel gives a TimeoutError on Python 3.11, and the cancel is gone.
+    A loop that logs the error and goes on would then never stop (seen as a hung shutdown), so
+    while the task is being cancelled the error is turned back into the cancellation.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError() from exc

@@ -19,6 +19,7 @@ from .registry import WorkerRegistration
 from .runtime_config import RuntimeConfig
 from .server import GrpcService
 from .store import connect
+from .tasks import raise_if_cancelling
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +102,7 @@ class Worker(GrpcService):
             try:
                 await self._registration.publish()
             except Exception as exc:  # store down: the TTL removes us anyway
+                raise_if_cancelling(exc)
                 log.warning(f"{self.stage}.drain_publish_failed", error=str(exc))
 
     async def on_stop(self) -> None:

@@ -18,7 +18,7 @@ from ..common.kv_transport import CUDA_IPC, SHM, KvLayout, KvReceiver, ShmPool, 
 from ..common.kv_wire import KvChunkData, prefill_method
 from ..common.registry import WorkerDirectory
 from ..common.request_context import outgoing_metadata
-from ..common.tasks import spawn
+from ..common.tasks import raise_if_cancelling, spawn
 from ..common.runtime_config import RuntimeConfig
 from ..common.server import GRPC_OPTIONS
 from ..common.types import FinishReason
@@ -162,6 +162,7 @@ class DecodeWorker(Worker):
         try:
             workers = await WorkerDirectory(self._store, self.config.store_prefix).workers(self.stage)
         except Exception as exc:  # store down: finish locally
+            raise_if_cancelling(exc)
             log.warning("decode.peers_unavailable", error=str(exc)[:200])
             return []
         return [w for w in workers if w.worker_id != self.config.worker_id and not w.draining]

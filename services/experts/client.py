@@ -32,7 +32,7 @@ from ..common.config import from_env
 from ..common.registry import WorkerDirectory
 from ..common.server import GRPC_OPTIONS
 from ..common.store import connect
-from ..common.tasks import spawn
+from ..common.tasks import raise_if_cancelling, spawn
 from ..engine.moe_model import pairs
 from ..proto import experts_pb2_grpc as pb_grpc
 from .config import ExpertsClientConfig
@@ -121,6 +121,7 @@ class RemoteExperts:
             try:
                 await self.refresh()
             except Exception as exc:  # store down: keep routing on the last view
+                raise_if_cancelling(exc)
                 log.warning("experts.client.refresh_failed", error=str(exc))
 
     async def stop(self) -> None:

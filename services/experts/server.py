@@ -27,7 +27,7 @@ import torch
 from ..common import keys
 from ..common.runtime_config import RuntimeConfig
 from ..common.stats import LatencyWindow, RateWindow
-from ..common.tasks import spawn
+from ..common.tasks import raise_if_cancelling, spawn
 from ..common.worker import Worker
 from ..engine.loader import resolve_dtype
 from ..engine.tiny_moe import ensure_tiny_moe_model
@@ -167,6 +167,7 @@ class ExpertsWorker(Worker):
                         pipe.hincrby(key, str(e), n)
                     await pipe.execute()
             except Exception as exc:  # store down: keep the counts for the next try
+                raise_if_cancelling(exc)
                 self._unpublished.update(counts)
                 log.warning("experts.publish_failed", error=str(exc))
 

@@ -22,7 +22,7 @@ from ..common.registry import WorkerDirectory
 from ..common.request_context import outgoing_metadata
 from ..common.server import GRPC_OPTIONS
 from ..common.stats import LatencyWindow, RateWindow
-from ..common.tasks import spawn
+from ..common.tasks import raise_if_cancelling, spawn
 from ..common.types import GenerationRequest
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
@@ -100,6 +100,7 @@ class Pipeline:
             try:
                 await self.refresh()
             except Exception as exc:  # store unreachable: route on the last view
+                raise_if_cancelling(exc)
                 log.warning("gateway.refresh_failed", error=str(exc)[:200])
 
     def _channel(self, address: str) -> grpc.aio.Channel:

@@ -26,7 +26,7 @@ import structlog
 from ..common import keys
 from ..common.load_report import LoadReport
 from ..common.store import connect
-from ..common.tasks import spawn
+from ..common.tasks import raise_if_cancelling, spawn
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .capacity import resolve_device
@@ -77,6 +77,7 @@ class TunerSidecar:
             except grpc.aio.AioRpcError as exc:  # worker restarting or gone: try again next tick
                 log.warning("tuner.worker_unreachable", worker=self.config.worker, code=exc.code().name)
             except Exception as exc:  # the store down, a bad table: keep the worker's config
+                raise_if_cancelling(exc)
                 log.warning("tuner.tick_failed", error=repr(exc))
             await asyncio.sleep(self.config.interval_s)
 
