@@ -24,7 +24,7 @@ COMPOSE = REPO / "docker" / "compose.yaml"
 OVERLAYS = ("cpu", "gpu-mps", "gpu-mig")
 GPU_OVERLAYS = ("gpu-mps", "gpu-mig")
 WORKERS = ("elastune-prefill", "elastune-decode", "elastune-experts-g0")
-TUNED = ("elastune-prefill", "elastune-decode")  # worker pods with the tuner sidecar
+TUNED = ("elastune-prefill", "elastune-decode", "elastune-experts-g0")  # worker pods with the tuner sidecar
 PORTS = {"elastune-prefill": 50051, "elastune-decode": 50052, "elastune-experts-g0": 50053, "elastune-scaler": 9090}
 # The longest generation a decode pod may have to finish when it cannot migrate it: 2048 tokens (the gateway's
 # max_tokens_limit) at ~40 ms/token. terminationGracePeriodSeconds must be at least twice that.
@@ -210,7 +210,8 @@ def test_worker_pods_run_the_tuner_sidecar_at_the_workers_share(overlay: str) ->
     docs = _render(overlay)
     for name in TUNED:
         pod = _named(docs, "Deployment", name)["spec"]["template"]["spec"]
-        assert pod["containers"][0]["name"] == name.removeprefix("elastune-")  # overlays patch containers/0
+        stage = name.removeprefix("elastune-").split("-")[0]  # elastune-experts-g0: the container is "experts"
+        assert pod["containers"][0]["name"] == stage  # overlays patch containers/0
         worker, tuner = _container(docs, name), _container(docs, name, "tuner")
         assert tuner["image"] == worker["image"]
         assert tuner["args"][:2] == ["serve", "tuner"]
