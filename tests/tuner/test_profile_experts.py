@@ -16,7 +16,7 @@ from services.tuner.profiler import ProfileGrid, profile
 from services.tuner.selection import choose
 from services.tuner.shares import ShareMechanism
 from services.tuner.table import TuningTable
-from tests.tuner.test_profiler import stored_table
+from tests.tuner.test_commands import stored
 
 SHARES = ShareMechanism("mps").grid(0.1)
 GRID = ProfileGrid(stages=("experts",))
@@ -103,7 +103,7 @@ def test_probe_processes_profile_the_tiny_moe_experts_into_the_store(tmp_path, t
     assert all(k["knee"] == 0.5 and k["measured_shares"] == [0.5] for k in knees)  # one share: one process
     assert "cost: 4 measurements in 1 processes" in printed
 
-    table = stored_table(store_url, prefix)
+    table = stored(store_url, prefix)
     assert table.shares(tiny_moe_model.name, "experts", "cpu") == [0.5]
     assert len(table.all_points()) == len(everything) == 4
 

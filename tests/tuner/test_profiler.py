@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import uuid
@@ -10,13 +9,13 @@ import uuid
 import pytest
 
 from services.cli import main as cli_main
-from services.common.store import connect
 from services.tuner.knee import find_knee
 from services.tuner.probe import Measurement, ProbeItem
 from services.tuner.profiler import ProfileGrid, profile
 from services.tuner.selection import choose
 from services.tuner.shares import ShareMechanism
 from services.tuner.table import TuningTable
+from tests.tuner.test_commands import stored
 
 SHARES = ShareMechanism("mps").grid(0.1)  # 0.1 .. 1.0
 GRID = ProfileGrid()
@@ -54,18 +53,6 @@ class HandMade:
             out.append(Measurement(item, thr, p95 / 1.1, p95, 5))
         return out
 
-
-def stored_table(store_url: str, prefix: str) -> TuningTable:
-    """The tuning table as the store holds it now."""
-
-    async def load() -> TuningTable:
-        store = connect(store_url)
-        try:
-            return await TuningTable.load(store, prefix)
-        finally:
-            await store.aclose()
-
-    return asyncio.run(load())
 
 def test_knees_match_the_full_grid_at_a_fraction_of_its_cost() -> None:
     measure = HandMade()
@@ -136,7 +123,7 @@ def test_probe_processes_measure_the_tiny_model_and_write_store_and_export(tmp_p
     knees = json.loads(report.read_text())
     assert knees["cost"]["processes"] == 1 and len(knees["knees"]) == 4
 
-    table = stored_table(store_url, prefix)
+    table = stored(store_url, prefix)
     assert sorted(p.row_key() for p in table.all_points()) == sorted(p.row_key() for p in points)
 
 
