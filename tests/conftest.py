@@ -101,7 +101,9 @@ def _dump_pending_tasks(name: str) -> None:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item):
+def pytest_runtest_protocol(item, nextitem):
+    """Shortly before pytest-timeout fires (its limit covers setup, call and teardown together),
+    dump the pending asyncio tasks: a stack that will not stop hangs in a fixture's teardown."""
     marker = item.get_closest_marker("timeout")
     limit = float(marker.args[0]) if marker and marker.args else float(item.config.getini("timeout") or 0)
     timer = None

@@ -19,7 +19,7 @@ import structlog
 
 from . import keys
 from .load_report import LoadReport
-from .tasks import raise_if_cancelling, spawn
+from .tasks import raise_if_cancelling, spawn, stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -70,8 +70,7 @@ class WorkerRegistration:
     async def stop(self) -> None:
         """Stop heartbeats and leave routing at once."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task)
         report = self._report()
         try:
             await self._store.delete(keys.worker_report(self._prefix, report.worker_id))

@@ -33,3 +33,14 @@ def raise_if_cancelling(exc: BaseException) -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError() from exc
+
+
+async def stop_task(task: asyncio.Task, resend_s: float = 0.5) -> None:
+    """Cancel a background task and wait until it has ended, sending the cancel again every
+    `resend_s`: a client that retries internally (the store client on a timeout) can swallow one
+    without raising anything, and the owner's shutdown must not wait forever for it."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=resend_s)
+    if not task.cancelled():
+        task.exception()  # retrieved: the done-callback from spawn() has already logged it

@@ -32,7 +32,7 @@ from ..common.config import from_env
 from ..common.registry import WorkerDirectory
 from ..common.server import GRPC_OPTIONS
 from ..common.store import connect
-from ..common.tasks import raise_if_cancelling, spawn
+from ..common.tasks import raise_if_cancelling, spawn, stop_task
 from ..engine.moe_model import pairs
 from ..proto import experts_pb2_grpc as pb_grpc
 from .config import ExpertsClientConfig
@@ -126,8 +126,7 @@ class RemoteExperts:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task)
         for channel in self._channels:
             channel.close()
         await self._store.aclose()

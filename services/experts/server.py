@@ -27,7 +27,7 @@ import torch
 from ..common import keys
 from ..common.runtime_config import RuntimeConfig
 from ..common.stats import LatencyWindow, RateWindow
-from ..common.tasks import raise_if_cancelling, spawn
+from ..common.tasks import raise_if_cancelling, spawn, stop_task
 from ..common.worker import Worker
 from ..engine.loader import resolve_dtype
 from ..engine.tiny_moe import ensure_tiny_moe_model
@@ -182,8 +182,7 @@ class ExpertsWorker(Worker):
 
     async def on_stop(self) -> None:
         if self._publisher is not None:
-            self._publisher.cancel()
-            await asyncio.gather(self._publisher, return_exceptions=True)
+            await stop_task(self._publisher)
         self._executor.shutdown(wait=False, cancel_futures=True)
         await super().on_stop()
 

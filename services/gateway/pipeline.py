@@ -22,7 +22,7 @@ from ..common.registry import WorkerDirectory
 from ..common.request_context import outgoing_metadata
 from ..common.server import GRPC_OPTIONS
 from ..common.stats import LatencyWindow, RateWindow
-from ..common.tasks import raise_if_cancelling, spawn
+from ..common.tasks import raise_if_cancelling, spawn, stop_task
 from ..common.types import GenerationRequest
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
@@ -83,8 +83,7 @@ class Pipeline:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task)
         for ch in self._channels.values():
             await ch.close()
 

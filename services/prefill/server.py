@@ -13,7 +13,7 @@ from ..common.convert import BadRequest, check_prompt, sampling_from_proto
 from ..common.kv_transport import KvSender, prompt_layout
 from ..common.kv_wire import add_prefill_servicer
 from ..common.runtime_config import RuntimeConfig
-from ..common.tasks import spawn
+from ..common.tasks import spawn, stop_task
 from ..common.worker import Worker
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
@@ -67,8 +67,7 @@ class PrefillWorker(Worker):
 
     async def on_stop(self) -> None:
         if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+            await stop_task(self._loop_task)
         if self.batcher is not None:
             self.batcher.close()
         await super().on_stop()

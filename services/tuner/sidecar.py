@@ -26,7 +26,7 @@ import structlog
 from ..common import keys
 from ..common.load_report import LoadReport
 from ..common.store import connect
-from ..common.tasks import raise_if_cancelling, spawn
+from ..common.tasks import raise_if_cancelling, spawn, stop_task
 from ..proto import inference_pb2 as pb
 from ..proto import inference_pb2_grpc as pb_grpc
 from .capacity import resolve_device
@@ -63,8 +63,7 @@ class TunerSidecar:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_task(self._task)
         self.metrics.http.close()
         await self._channel.close()
         if self._store is not None:

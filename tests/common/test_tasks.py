@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.tasks import raise_if_cancelling, spawn
+from services.common.tasks import raise_if_cancelling, spawn, stop_task
 
 
 class EatsCancel:
@@ -63,3 +63,28 @@ def test_outside_a_cancelled_task_nothing_is_raised():
         return True
 
     assert asyncio.run(main())
+
+
+async def test_stop_task_ends_a_loop_whose_client_retries_through_a_cancel():
+    """A client that retries on its own (the store client with retry_on_timeout) can eat a cancel
+    without raising: one cancel would leave the loop running; stop_task sends it again."""
+    calls = 0
+
+    async def retrying_call() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                pass  # "timed out": retried, and succeeded
+        await asyncio.sleep(0.05)
+
+    async def loop() -> None:
+        while True:
+            await retrying_call()
+
+    task = spawn(loop(), name="retrying")
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(stop_task(task, resend_s=0.1), timeout=3)
+    assert task.cancelled() and calls >= 2  # the first cancel was eaten; a later one ended it
