@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +321,50 @@ def test_shm_pool_reuses_the_smallest_fitting_file_within_its_caps(tmp_path, mon
     pool.give_back(b)
     pool.close()
     assert not any(tmp_path.iterdir())
+
+
+# ---- files a killed decode worker left behind ----
+
+_CHILD = """
+import pathlib, sys, time
+from services.common import kv_transport as kt
+kt.shm_dir = lambda: pathlib.Path(sys.argv[1])
+pool = kt.ShmPool()
+shm = pool.take(4096, tag="7")
+print(shm.path, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_pool_removes_the_files_of_a_killed_worker_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    alive = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    killed = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        alive_file = Path(alive.stdout.readline().strip())
+        killed_file = Path(killed.stdout.readline().strip())
+        os.kill(killed.pid, signal.SIGKILL)  # no chance to clean up
+        killed.wait(timeout=10)
+        assert killed_file.is_file() and alive_file.is_file()
+        others = [tmp_path / "elastune-kv-3-0123456789ab",  # the naming before pids were in it
+                  tmp_path / f"elastune-kv-999-{killed.pid}-1-0123456789ab",  # another pid namespace
+                  tmp_path / "unrelated"]
+        for path in others:
+            path.write_bytes(b"x")
+        pool = kt.ShmPool()  # a decode worker starting on this host
+        assert pool.removed_stale == [killed_file]
+        assert not killed_file.exists() and alive_file.is_file() and all(p.exists() for p in others)
+        pool.close()
+    finally:
+        alive.kill()
+        alive.wait(timeout=10)
+
+
+def test_a_reused_pid_does_not_keep_a_dead_workers_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    parent = os.getppid()  # alive, and started before the file below was made...
+    path = tmp_path / f"elastune-kv-{kt._pid_namespace()}-{parent}-1-0123456789ab"
+    path.write_bytes(b"x")
+    assert kt.ShmPool().removed_stale == []
+    os.utime(path, (0, 0))  # ...unless the file predates the process: its pid was reused
+    assert kt.ShmPool().removed_stale == [path]
