@@ -253,20 +253,24 @@ class KvTcpServer:
                 pass
             self._listener.close()
         self.reset_connections()  # wakes threads blocked in recv
-        for thread in list(self._threads):
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             thread.join(timeout=2)
         self.pool.close()
 
     def _spawn(self, target, name: str, *args) -> None:
         thread = threading.Thread(target=self._run, args=(target, *args), name=name, daemon=True)
-        self._threads.add(thread)
+        with self._lock:
+            self._threads.add(thread)
         thread.start()
 
     def _run(self, target, *args) -> None:
         try:
             target(*args)
         finally:
-            self._threads.discard(threading.current_thread())
+            with self._lock:
+                self._threads.discard(threading.current_thread())
 
     def _accept_loop(self) -> None:
         while not self._stopping:

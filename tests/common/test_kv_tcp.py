@@ -242,7 +242,7 @@ async def test_the_decode_side_giving_up_stops_the_prefill_side(server):
         assert (await asyncio.wait_for(sender.next_chunk(), 10)).layer_end == 1
         inbox.close()  # e.g. the client went away: the connection is reset
         for _ in range(200):  # the connection thread has ended
-            if not [t for t in server._threads if t.name.startswith("kv-tcp-127")]:
+            if not [t for t in list(server._threads) if t.name.startswith("kv-tcp-127")]:
                 break
             await asyncio.sleep(0.01)
         await _put_from_thread(sender, list(enumerate(layers))[1:])
