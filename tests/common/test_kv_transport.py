@@ -6,8 +6,6 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -325,32 +323,31 @@ def test_shm_pool_reuses_the_smallest_fitting_file_within_its_caps(tmp_path, mon
 
 # ---- files a killed decode worker left behind ----
 
-_CHILD = """
-import pathlib, sys, time
-from services.common import kv_transport as kt
-kt.shm_dir = lambda: pathlib.Path(sys.argv[1])
-pool = kt.ShmPool()
-shm = pool.take(4096, tag="7")
-print(shm.path, flush=True)
-time.sleep(60)
-"""
+
+def test_a_file_is_named_for_its_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    shm = ShmFile.create(4096, tag="7")
+    try:
+        assert shm.path.name.startswith(f"elastune-kv-{kt._pid_namespace()}-{os.getpid()}-7-")
+    finally:
+        shm.unlink()
 
 
 def test_a_pool_removes_the_files_of_a_killed_worker_only(tmp_path, monkeypatch):
     monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
-    alive = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    killed = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    ns = kt._pid_namespace()
+    alive = subprocess.Popen(["sleep", "60"])
+    killed = subprocess.Popen(["sleep", "60"])
     try:
-        alive_file = Path(alive.stdout.readline().strip())
-        killed_file = Path(killed.stdout.readline().strip())
-        os.kill(killed.pid, signal.SIGKILL)  # no chance to clean up
-        killed.wait(timeout=10)
-        assert killed_file.is_file() and alive_file.is_file()
+        alive_file = tmp_path / f"elastune-kv-{ns}-{alive.pid}-7-0123456789ab"
+        killed_file = tmp_path / f"elastune-kv-{ns}-{killed.pid}-7-0123456789ab"
         others = [tmp_path / "elastune-kv-3-0123456789ab",  # the naming before pids were in it
                   tmp_path / f"elastune-kv-999-{killed.pid}-1-0123456789ab",  # another pid namespace
                   tmp_path / "unrelated"]
-        for path in others:
+        for path in [alive_file, killed_file, *others]:
             path.write_bytes(b"x")
+        os.kill(killed.pid, signal.SIGKILL)  # no chance to clean up
+        killed.wait(timeout=10)
         pool = kt.ShmPool()  # a decode worker starting on this host
         assert pool.removed_stale == [killed_file]
         assert not killed_file.exists() and alive_file.is_file() and all(p.exists() for p in others)
