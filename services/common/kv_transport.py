@@ -1,6 +1,6 @@
 """Moving a prompt's KV cache from a prefill worker to a decode worker.
 
-Three paths, chosen from the endpoints:
+Four paths, chosen from the endpoints:
 - "cuda_ipc": both on one GPU. The decode worker exports a device buffer
   (kv_cuda_ipc.py); prefill copies each layer into it device-to-device and sends offsets.
 - "shm": both on one host. The decode worker creates a shared-memory file sized for the
