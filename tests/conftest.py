@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import os
 import sys
 import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -86,18 +88,44 @@ def greedy_reference(model_dir, prompts: list[str], max_tokens: list[int], ignor
     return out
 
 
-def _dump_pending_tasks(name: str) -> None:
-    """Print every unfinished asyncio task's stack: pytest-timeout shows threads, not coroutines,
-    and a hung test is almost always a coroutine waiting on something."""
+def _pending_tasks_text() -> str:
+    """Every unfinished asyncio task's stack, and every thread's: pytest shows neither, and a
+    hung test is almost always a coroutine (or a model thread) waiting on something."""
     with warnings.catch_warnings():  # isinstance() on some torch module proxies warns
         warnings.simplefilter("ignore")
         tasks = [o for o in gc.get_objects() if isinstance(o, asyncio.Task) and not o.done()]
-    print(f"\n=== {name}: {len(tasks)} pending asyncio tasks near the timeout ===", file=sys.stderr)
+    out = io.StringIO()
+    print(f"{len(tasks)} pending asyncio tasks", file=out)
     for task in tasks:
         try:
-            task.print_stack(limit=8, file=sys.stderr)
+            task.print_stack(limit=8, file=out)
         except Exception as exc:  # a task finishing under our feet: skip it
-            print(f"  ({exc!r})", file=sys.stderr)
+            print(f"  ({exc!r})", file=out)
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        if ident != threading.get_ident():
+            print(f"--- thread {names.get(ident, ident)}", file=out)
+            out.write("".join(traceback.format_stack(frame, limit=8)))
+    return out.getvalue()
+
+
+def _dump_pending_tasks(name: str) -> None:
+    print(f"\n=== {name}: near the timeout ===\n{_pending_tasks_text()}", file=sys.stderr)
+
+
+TIMEOUT_ERRORS = ("TimeoutError", "APITimeoutError", "ReadTimeout", "DEADLINE_EXCEEDED", "not met in time")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that failed by waiting too long (a client timeout, not pytest-timeout) leaves its
+    module's stack running until teardown: show where that stack's requests are stuck."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "call" and report.failed and call.excinfo is not None:
+        text = f"{call.excinfo.typename}: {str(call.excinfo.value)[:300]}"
+        if any(marker in text for marker in TIMEOUT_ERRORS):
+            report.sections.append(("pending tasks and threads at the failure", _pending_tasks_text()))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -20,6 +20,7 @@ class DecodeConfig(WorkerConfig):
     local_prefill_threshold: int = 0  # prompts shorter than this are prefilled here, not remotely
     migrate_on_drain: bool = True  # SIGTERM / Admin.Drain: hand running sequences to peers
     adopt_timeout_s: float = 30.0  # an adopted sequence nobody resumes within this is aborted
+    prefill_stall_timeout_s: float = 30.0  # a prefill call silent this long is dropped; the prompt is computed here
     # auto: CUDA IPC on the same GPU, shared memory on this host, else kv_cross_host;
     # tcp / grpc: always that path (tests, benchmarks, or hosts whose /dev/shm is not shared)
     kv_transport: str = "auto"
@@ -36,6 +37,8 @@ class DecodeConfig(WorkerConfig):
             raise ValueError(f"max_concurrency ({self.max_concurrency}) must be <= kv_slots ({self.kv_slots})")
         if self.kv_cache_bytes < 0 or not 0 < self.kv_gpu_fraction <= 1:
             raise ValueError("kv_cache_bytes must be >= 0 and kv_gpu_fraction in (0, 1]")
+        if self.prefill_stall_timeout_s <= 0:
+            raise ValueError(f"prefill_stall_timeout_s must be > 0, got {self.prefill_stall_timeout_s}")
         if self.kv_transport not in ("auto", "tcp", "grpc"):
             raise ValueError(f"kv_transport must be auto, tcp or grpc, got {self.kv_transport!r}")
         if self.kv_cross_host not in ("tcp", "grpc"):

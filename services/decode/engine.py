@@ -163,7 +163,10 @@ class DecodeEngine:
                         self._wakeup.clear()
                 except Exception as exc:  # keep serving; the failed step's sequences are aborted
                     log.exception("decode.step_failed", error=repr(exc))
-                    self._fail_all()
+                    try:
+                        self._fail_all()
+                    except Exception as again:  # the thread must outlive it: a dead engine hangs every request
+                        log.exception("decode.fail_all_failed", error=repr(again))
 
     def run_until_idle(self) -> None:
         """Offline use: step until every added sequence has finished."""

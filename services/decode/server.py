@@ -38,6 +38,7 @@ from .sequence import Sequence
 log = structlog.get_logger(__name__)
 
 RETRY_AFTER_MS = 250
+RECHECK_S = 1.0  # a request waiting for KV space looks again at least this often
 
 
 class Overloaded(Exception):
@@ -125,10 +126,13 @@ class DecodeWorker(Worker):
                         raise Overloaded("decode worker is draining")
                     if self.engine.slots.used < self.runtime.max_concurrency and self.engine.reserve(seq):
                         return
-                    timeout = None if deadline == 0 else deadline - time.time()
-                    if timeout is not None and timeout <= 0:
+                    left = RECHECK_S if deadline == 0 else deadline - time.time()
+                    if left <= 0:
                         raise asyncio.TimeoutError
-                    await asyncio.wait_for(self._slot_freed.wait(), timeout)
+                    try:  # woken when a seat or blocks are freed; rechecks anyway now and then
+                        await asyncio.wait_for(self._slot_freed.wait(), min(left, RECHECK_S))
+                    except TimeoutError:
+                        pass
         finally:
             del self._waiting[token]
 
@@ -372,7 +376,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             kv_start = None
             first = None
             expected = (2, cfg.num_kv_heads, len(prompt), cfg.head_dim)
-            async for msg in call:  # head, then KV chunks (written per chunk) and the first token
+            async for msg in _paced(call, w.config.prefill_stall_timeout_s):  # head, KV chunks, first token
                 kind = "kv" if isinstance(msg, KvChunkData) else msg.WhichOneof("kind")
                 if kind == "head":
                     layout = KvLayout.from_proto(msg.head.layout)
@@ -404,17 +408,31 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             w.kv_sources[receiver.transport] += 1
             if SHM in buffers:  # complete: no prefill writer can touch the file any more
                 w.shm_pool.give_back(buffers.pop(SHM))
-        except (grpc.aio.AioRpcError, ConnectionError, ValueError) as exc:
+        except (grpc.aio.AioRpcError, ConnectionError, ValueError, TimeoutError) as exc:
             # blocks written so far are overwritten by the recompute (num_computed is unchanged)
-            log.warning("decode.prefill_fallback", request_id=request.request_id, error=str(exc)[:200])
+            log.warning("decode.prefill_fallback", request_id=request.request_id, error=repr(exc)[:200])
             w.kv_sources["local"] += 1
         finally:
             if call is not None:
-                call.cancel()  # no-op once the stream ended; else the prefill worker stops sending
+                call.cancel()  # a stalled or failed call must not keep the prefill worker busy
             for buffer in buffers.values():
                 buffer.unlink()
             if inbox is not None:
                 inbox.close()  # complete: its buffer is pooled; else dropped and the connection reset
+
+
+async def _paced(call, stall_s: float):
+    """The call's messages; TimeoutError if none comes for stall_s (a prefill worker that froze
+    or lost the request must not hold the decode side's request forever)."""
+    messages = aiter(call)
+    while True:
+        try:
+            msg = await asyncio.wait_for(anext(messages), stall_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise TimeoutError(f"the prefill worker sent nothing for {stall_s:g} s") from None
+        yield msg
 
 
 async def main(config: DecodeConfig) -> None:

