@@ -2,13 +2,15 @@
 
 1. Hand-off: the KV of a 2,048-token prompt for the Llama-3-8B shape (32 layers x
    [2, 8, 2048, 128] bf16 = 256 MiB, random tensors) goes from a server process to this one by
-   each available path: "grpc" (bytes in the Prefill stream over loopback), "shm" (this process
-   offers a shared-memory file, the server writes into it) and "cuda_ipc" (this process exports
-   a GPU buffer, the server copies device-to-device; only with CUDA). Both sides run the
-   serving code: the server streams with `KvSender` on a real grpc.aio server with the
-   workers' channel options, this side reads with `KvReceiver`; "handed off" is the time from
-   the call to the last layer readable here, "adopted" adds the copy into paged KV blocks
-   (`PagedKvCache.write`, what the decode worker does per chunk).
+   each available path: "tcp" (this process listens with `KvTcpServer` and issues a token, the
+   server sends the bytes over a plain loopback socket), "grpc" (bytes in the Prefill stream
+   over loopback), "shm" (this process offers a shared-memory file, the server writes into it)
+   and "cuda_ipc" (this process exports a GPU buffer, the server copies device-to-device; only
+   with CUDA). Both sides run the serving code: the server streams with `KvSender` on a real
+   grpc.aio server with the workers' channel options, this side reads with `KvReceiver`;
+   "handed off" is the time from the call to the last layer readable here, "adopted" adds the
+   copy into paged KV blocks (`PagedKvCache.write` on a writer thread, per chunk, as the
+   decode worker does).
 2. Overlap: a real model's prefill in the server process, its KV streamed layer by layer
    while later layers compute ("stream") against the whole prefill first, then the KV
    ("whole"); time from the call to the KV adopted here, for the tiny shape and a mid-size one.
@@ -41,8 +43,10 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 from bench.engine import SHAPES  # noqa: E402
 from bench.meta import commit, machine  # noqa: E402
 from services.common.kv_cuda_ipc import DeviceBuffer  # noqa: E402
+from services.common.kv_tcp import KvTcpServer  # noqa: E402
 from services.common.kv_transport import (  # noqa: E402
-    CUDA_IPC, GRPC, MAX_CHUNK_BYTES, SHM, KvLayout, KvReceiver, KvSender, ShmFile, ShmPool, host_id, prompt_layout,
+    CUDA_IPC, GRPC, MAX_CHUNK_BYTES, SHM, TCP, KvLayout, KvReceiver, KvSender, ShmFile, ShmPool, host_id,
+    prompt_layout,
 )
 from services.common.kv_wire import KvChunkData, add_prefill_servicer, prefill_method  # noqa: E402
 from services.common.server import GRPC_OPTIONS  # noqa: E402
@@ -56,7 +60,8 @@ HANDOFF_SHAPE = "llama3-8b"
 HANDOFF_TOKENS = 2048
 HANDOFF_BYTES = 256 << 20  # 32 layers x [2, 8, 2048, 128] bf16
 BLOCK_SIZE = 16
-GOALS = {GRPC: "cross-host path >= 1.5 GB/s on loopback", SHM: "-", CUDA_IPC: "same GPU <= 2 ms"}
+GOALS = {TCP: "cross-host path >= 1.5 GB/s on loopback", GRPC: "cross-host fallback", SHM: "-",
+         CUDA_IPC: "same GPU <= 2 ms"}
 # Overlap shapes: what runs in seconds on a 2-core CPU (fp32).
 OVERLAP = {
     "tiny": (dict(SHAPES["tiny"]), 512),
@@ -187,6 +192,9 @@ class Receiver:
                  reuse_shm: bool = True):
         self.prefill = prefill
         self.pool = ShmPool() if reuse_shm else None  # as the decode worker does
+        self.tcp = KvTcpServer("127.0.0.1")  # its buffers are pooled too
+        self.tcp.start()
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-write")
         self.cfg = cfg
         self.tokens = tokens
         blocks = -(-tokens // BLOCK_SIZE)
@@ -197,8 +205,13 @@ class Receiver:
     async def once(self, request_id: str, path: str, adopt: bool) -> tuple[float, str, float]:
         """(ms from the call to the KV readable / adopted here, transport, the server's forward ms)."""
         buffer = None
+        inbox = None
         target = pb.KvTarget()
-        if path == SHM:
+        if path == TCP:
+            inbox = self.tcp.expect(self.bytes, (2, self.cfg.num_kv_heads, self.tokens, self.cfg.head_dim),
+                                    self.cfg.num_layers)
+            target = pb.KvTarget(tcp_address=f"127.0.0.1:{self.tcp.port}", tcp_token=inbox.token)
+        elif path == SHM:
             buffer = self.pool.take(self.bytes, tag="bench") if self.pool else ShmFile.create(self.bytes, tag="bench")
             target = pb.KvTarget(host_id=host_id(), shm_path=str(buffer.path), shm_bytes=buffer.size)
         elif path == CUDA_IPC:
@@ -212,11 +225,14 @@ class Receiver:
             async for msg in self.prefill(request):
                 kind = "kv" if isinstance(msg, KvChunkData) else msg.WhichOneof("kind")
                 if kind == "head":
-                    receiver = KvReceiver(KvLayout.from_proto(msg.head.layout), msg.head.transport, buffer)
+                    offered = inbox if msg.head.transport == TCP else buffer
+                    receiver = KvReceiver(KvLayout.from_proto(msg.head.layout), msg.head.transport, offered)
                 elif kind == "kv":
-                    for layer, kv in receiver.layers(msg):
-                        if adopt:
-                            self.cache.write(layer, self.table, kv)
+                    if receiver.transport == TCP:
+                        await inbox.until(msg.layer_end, 30.0)
+                    layers = list(receiver.layers(msg))
+                    if adopt:
+                        await asyncio.get_running_loop().run_in_executor(self.writer, self._write, layers)
                 else:
                     compute_ms = msg.first.compute_ms
             if self.cache.device.type == "cuda":
@@ -230,11 +246,18 @@ class Receiver:
         finally:
             if buffer is not None:
                 buffer.unlink()
+            if inbox is not None:
+                inbox.close()
 
+    def _write(self, layers) -> None:
+        for layer, kv in layers:
+            self.cache.write(layer, self.table, kv)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.close()
+        self.tcp.stop()
+        self.writer.shutdown()
 
 
 def p50(values: list[float]) -> float:
@@ -243,7 +266,7 @@ def p50(values: list[float]) -> float:
 
 async def handoff_rows(stub, repeats: int) -> list[dict]:
     cfg = config_of(SHAPES[HANDOFF_SHAPE])
-    paths = [(GRPC, "cpu", True), (SHM, "cpu", True), (SHM, "cpu", False)]
+    paths = [(TCP, "cpu", True), (GRPC, "cpu", True), (SHM, "cpu", True), (SHM, "cpu", False)]
     paths += [(CUDA_IPC, "cuda", True)] if torch.cuda.is_available() else []
     rows = []
     for path, device, reuse in paths:
@@ -286,7 +309,7 @@ async def overlap_rows(stub, repeats: int) -> list[dict]:
     for name, (shape, tokens) in OVERLAP.items():
         cfg = config_of(shape)
         recv = Receiver(stub, cfg, torch.float32, torch.device("cpu"), tokens)
-        for path in (GRPC, SHM):
+        for path in (TCP, GRPC, SHM):
             row = {"shape": name, "tokens": tokens, "path": path, "bytes": recv.bytes}
             for mode in ("whole", "stream", "whole", "stream"):  # warm-up, then alternate
                 await recv.once(f"{mode}:{name}", path, adopt=True)

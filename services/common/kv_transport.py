@@ -1,12 +1,15 @@
 """Moving a prompt's KV cache from a prefill worker to a decode worker.
 
-Three paths, chosen from the endpoints:
+Four paths, chosen from the endpoints:
 - "cuda_ipc": both on one GPU. The decode worker exports a device buffer
   (kv_cuda_ipc.py); prefill copies each layer into it device-to-device and sends offsets.
 - "shm": both on one host. The decode worker creates a shared-memory file sized for the
   prompt's KV and names it in the request; prefill writes each layer chunk into it and sends
   only offsets. The decode worker owns the file (or buffer) and frees it when done, whatever happens.
-- "grpc": different hosts. Each chunk's bytes travel inside the gRPC message.
+- "tcp": different hosts. The decode worker names a socket and a one-time token; prefill sends
+  each layer's bytes over a plain TCP connection into a buffer set aside for the prompt
+  (kv_tcp.py), and only offsets in the gRPC stream.
+- "grpc": different hosts, the fallback. Each chunk's bytes travel inside the gRPC message.
 Each layer's KV is one contiguous tensor [2, KVH, T, D]; chunks hold whole layers.
 
 `KvSender` streams a prompt's KV while it is being computed: the model thread hands over
@@ -34,11 +37,14 @@ import torch
 
 from ..proto import inference_pb2 as pb
 from . import kv_cuda_ipc
+from .kv_tcp import TOKEN_BYTES, TcpSender
 from .kv_wire import KvChunkData
 
 SHM = "shm"
 GRPC = "grpc"
 CUDA_IPC = "cuda_ipc"
+TCP = "tcp"
+SHM_PREFIX = "elastune-kv-"
 MAX_CHUNK_BYTES = 4 << 20  # per gRPC message; a larger layer travels alone
 SHM_POOL_FILES = 2  # idle shared-memory files a decode worker keeps for reuse
 SHM_POOL_BYTES = 512 << 20  # and their total size at most (tmpfs memory: /dev/shm limits in pods)
@@ -100,7 +106,7 @@ def prompt_layout(dtype: torch.dtype, num_layers: int, num_kv_heads: int, head_d
 
 def choose_transport(layout: KvLayout, target: pb.KvTarget | None, device: torch.device) -> str:
     """cuda_ipc if the decode worker offered a buffer on our GPU, shm if it offered a file on
-    our host, else grpc."""
+    our host, tcp if it offered a socket, else grpc."""
     if kv_cuda_ipc.can_use(target, device, layout.total_bytes):
         return CUDA_IPC
     use_shm = (
@@ -110,7 +116,11 @@ def choose_transport(layout: KvLayout, target: pb.KvTarget | None, device: torch
         and target.shm_bytes >= layout.total_bytes
         and Path(target.shm_path).is_file()
     )
-    return SHM if use_shm else GRPC
+    if use_shm:
+        return SHM
+    if target is not None and target.tcp_address and len(target.tcp_token) == TOKEN_BYTES:
+        return TCP
+    return GRPC
 
 
 class ShmFile:
@@ -132,7 +142,9 @@ class ShmFile:
 
     @classmethod
     def create(cls, size: int, tag: str) -> "ShmFile":
-        return cls(shm_dir() / f"elastune-kv-{tag}-{uuid.uuid4().hex[:12]}", size, create=True)
+        """A new file named for this process (`remove_stale_files` finds it once the process is gone)."""
+        name = f"{SHM_PREFIX}{_pid_namespace()}-{os.getpid()}-{tag}-{uuid.uuid4().hex[:12]}"
+        return cls(shm_dir() / name, size, create=True)
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         """A uint8 tensor over [offset, offset + nbytes) of the mapping (no copy)."""
@@ -149,19 +161,66 @@ class ShmFile:
         self.path.unlink(missing_ok=True)
 
 
+def _pid_namespace() -> str:
+    """Pids name processes only within a pid namespace (a container); files carry it too, so a
+    worker never judges another container's pids."""
+    try:
+        return os.readlink("/proc/self/ns/pid").split("[")[-1].rstrip("]")
+    except OSError:
+        return "0"
+
+
+def _owner_gone(pid: int, since: float) -> bool:
+    """True if process `pid` no longer exists, or is a newer process that reused the pid (it
+    started after `since`, the file's creation)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    try:  # pid reuse: field 22 of /proc/<pid>/stat is the start time in ticks after boot
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") > since + 1  # 1 s: btime is whole seconds
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+
+
+def remove_stale_files() -> list[Path]:
+    """Remove the shared-memory files that workers of this pid namespace left behind when they
+    died without cleaning up (kill -9, OOM kill); returns them. Files of live processes, of other
+    namespaces and of other naming schemes are left alone."""
+    prefix = f"{SHM_PREFIX}{_pid_namespace()}-"
+    removed = []
+    for path in shm_dir().glob(prefix + "*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        try:
+            if pid.isdigit() and int(pid) != os.getpid() and _owner_gone(int(pid), path.stat().st_mtime):
+                path.unlink()
+                removed.append(path)
+        except OSError:  # removed meanwhile by its owner or another worker
+            continue
+    return removed
+
+
 class ShmPool:
-    """Decode side: shared-memory files kept for the next prompt.
+    """Decode side: shared-memory files (or tcp staging buffers, `create`) kept for the next prompt.
 
     The first touch of a fresh tmpfs page costs a fault and a zeroed page: two thirds of a
     256 MiB hand-off. A file goes back to the pool only after a complete transfer (no prefill
     writer can touch it any more); after a failure the caller unlinks it. Idle files keep
-    their touched pages, hence the caps.
+    their touched pages, hence the caps. A pool of files first removes the files dead workers
+    of this host left behind (`remove_stale_files`): nobody else would.
     """
 
-    def __init__(self, max_files: int = SHM_POOL_FILES, max_bytes: int = SHM_POOL_BYTES):
+    def __init__(self, max_files: int = SHM_POOL_FILES, max_bytes: int = SHM_POOL_BYTES, create=None):
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self._idle: list[ShmFile] = []
+        self._create = create or ShmFile.create
+        self._idle: list = []
+        self.removed_stale = remove_stale_files() if create is None else []
 
     def take(self, size: int, tag: str) -> ShmFile:
         """The smallest idle file that holds `size` bytes, else a new one."""
@@ -170,7 +229,7 @@ class ShmPool:
             best = min(fits, key=lambda f: f.size)
             self._idle.remove(best)
             return best
-        return ShmFile.create(size, tag)
+        return self._create(size, tag)
 
     def give_back(self, shm: ShmFile) -> None:
         if len(self._idle) < self.max_files and self.idle_bytes + shm.size <= self.max_bytes:
@@ -231,9 +290,10 @@ class KvSender:
 
     The model thread calls `put(layer, kv)` as each layer's KV [2, KVH, T, D] comes out of the
     model: for shm / cuda_ipc the layer is copied into the decode worker's buffer right there,
-    for grpc its bytes are taken. The event loop awaits `next_chunk()`, which returns one
-    KvChunk over the layers handed over so far (as many as fit in MAX_CHUNK_BYTES), so a layer
-    goes on the wire while later ones compute. A failure in `put` is kept, not raised into the
+    for grpc its bytes are taken, for tcp they are queued for the sending thread. The event
+    loop awaits `next_chunk()`, which returns one KvChunk over the layers handed over so far (for
+    tcp: sent so far), as many as fit in MAX_CHUNK_BYTES, so a layer goes on the wire while
+    later ones compute. A failure in `put` or in the tcp thread is kept, not raised into the
     model thread (the other prompts of the batch go on), and re-raised by `next_chunk()`.
     """
 
@@ -251,7 +311,15 @@ class KvSender:
         self._lock = threading.Lock()  # put() vs close(): never unmap under a copy
         self._closed = False
         self._buffer = None
-        if self.transport == SHM:
+        self._tcp: TcpSender | None = None
+        self._tcp_sent = 0  # layers the tcp thread has sent; on the loop only
+        if self.transport == TCP:
+            self._tcp = TcpSender(
+                target.tcp_address, target.tcp_token, layout,
+                on_sent=lambda start, end: self._from_thread(self._sent, start, end),
+                on_error=lambda exc: self._from_thread(self._fail, exc),
+            )
+        elif self.transport == SHM:
             self._buffer = ShmFile(Path(target.shm_path), layout.total_bytes, create=False)
         elif self.transport == CUDA_IPC:
             self._buffer = kv_cuda_ipc.DeviceBuffer.open(target.cuda_ipc)
@@ -270,6 +338,8 @@ class KvSender:
                 payload = None
                 if self.transport == GRPC:  # no copy: the wire encoder reads the tensor's memory
                     payload = raw.cpu().numpy()
+                elif self.transport == TCP:  # no copy either: the socket reads it
+                    self._tcp.put(layer, raw.cpu())
                 else:
                     self._buffer.view(layer * self.layout.layer_bytes, raw.numel()).copy_(raw)
                     if self.transport == CUDA_IPC:  # the peer reads it once it has the message
@@ -279,10 +349,23 @@ class KvSender:
                 self._loop.call_soon_threadsafe(self._fail, exc)
                 self._error = exc
                 return
-        self._loop.call_soon_threadsafe(self._arrive, layer, payload)
+        if self.transport != TCP:  # tcp layers count once sent (`_sent`)
+            self._loop.call_soon_threadsafe(self._arrive, layer, payload)
+
+    def _from_thread(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is streaming any more
+            pass
 
     def _arrive(self, layer: int, payload) -> None:
         self._ready.append((layer, payload))
+        self._wakeup.set()
+
+    def _sent(self, start: int, end: int) -> None:
+        self._tcp_sent = end
+        for layer in range(start, end):
+            self._ready.append((layer, None))
         self._wakeup.set()
 
     def _fail(self, exc: Exception) -> None:
@@ -299,9 +382,13 @@ class KvSender:
         """Layers handed over and not yet in a chunk."""
         return len(self._ready)
 
+    def _drained(self) -> bool:
+        """Every layer handed over is in a chunk or ready for one (tcp: sent)."""
+        return self.transport != TCP or self._tcp_sent == self._next_put
+
     async def next_chunk(self) -> KvChunkData | None:
         """The next chunk, waiting for a layer if none is ready; None once ended and drained."""
-        while not self._ready and not self._ended and self._error is None:
+        while not self._ready and not (self._ended and self._drained()) and self._error is None:
             self._wakeup.clear()
             await self._wakeup.wait()
         if self._error is not None:
@@ -323,6 +410,8 @@ class KvSender:
         """Release the peer's buffer mapping; later puts are dropped (the peer owns the buffer)."""
         with self._lock:
             self._closed = True
+            if self._tcp is not None:
+                self._tcp.close()
             if self._buffer is not None:
                 self._buffer.close()
                 self._buffer = None
@@ -332,9 +421,10 @@ class KvReceiver:
     """Decode side: turns chunk messages back into per-layer tensors [2, KVH, T, D]."""
 
     def __init__(self, layout: KvLayout, transport: str, shm):
-        """shm: the ShmFile (transport shm) or kv_cuda_ipc.DeviceBuffer (cuda_ipc) this worker offered."""
-        if transport not in (SHM, GRPC, CUDA_IPC):
-            raise ValueError(f"KV transport {transport!r} is not one of {SHM}, {GRPC}, {CUDA_IPC}")
+        """shm: the ShmFile (transport shm), kv_cuda_ipc.DeviceBuffer (cuda_ipc) or kv_tcp.TcpInbox
+        (tcp: read a chunk only once `until` says its layers are in) this worker offered."""
+        if transport not in (SHM, GRPC, CUDA_IPC, TCP):
+            raise ValueError(f"KV transport {transport!r} is not one of {SHM}, {GRPC}, {CUDA_IPC}, {TCP}")
         if transport != GRPC and shm is None:
             raise ValueError(f"prefill chose {transport} but this worker offered no buffer for it")
         self.layout = layout

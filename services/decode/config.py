@@ -21,7 +21,12 @@ class DecodeConfig(WorkerConfig):
     migrate_on_drain: bool = True  # SIGTERM / Admin.Drain: hand running sequences to peers
     adopt_timeout_s: float = 30.0  # an adopted sequence nobody resumes within this is aborted
     prefill_stall_timeout_s: float = 30.0  # a prefill call silent this long is dropped; the prompt is computed here
-    kv_transport: str = "auto"  # auto: CUDA IPC on the same GPU, shared memory on this host, else gRPC bytes; grpc: always bytes
+    # auto: CUDA IPC on the same GPU, shared memory on this host, else kv_cross_host;
+    # tcp / grpc: always that path (tests, benchmarks, or hosts whose /dev/shm is not shared)
+    kv_transport: str = "auto"
+    kv_cross_host: str = "tcp"  # prompt KV from another host: tcp (a plain socket, kv_tcp.py) or grpc (bytes in the stream)
+    kv_tcp_port: int = 0  # the KV socket's port on `host` (advertised like the gRPC one); 0: any free port
+    kv_tcp_timeout_s: float = 30.0  # a tcp KV transfer silent this long fails (the prompt is then computed here)
 
     def validate(self) -> None:
         super().validate()
@@ -34,5 +39,16 @@ class DecodeConfig(WorkerConfig):
             raise ValueError("kv_cache_bytes must be >= 0 and kv_gpu_fraction in (0, 1]")
         if self.prefill_stall_timeout_s <= 0:
             raise ValueError(f"prefill_stall_timeout_s must be > 0, got {self.prefill_stall_timeout_s}")
-        if self.kv_transport not in ("auto", "grpc"):
-            raise ValueError(f"kv_transport must be auto or grpc, got {self.kv_transport!r}")
+        if self.kv_transport not in ("auto", "tcp", "grpc"):
+            raise ValueError(f"kv_transport must be auto, tcp or grpc, got {self.kv_transport!r}")
+        if self.kv_cross_host not in ("tcp", "grpc"):
+            raise ValueError(f"kv_cross_host must be tcp or grpc, got {self.kv_cross_host!r}")
+        if not 0 <= self.kv_tcp_port < 65536:
+            raise ValueError(f"kv_tcp_port must be in 0..65535, got {self.kv_tcp_port}")
+        if self.kv_tcp_timeout_s <= 0:
+            raise ValueError(f"kv_tcp_timeout_s must be > 0, got {self.kv_tcp_timeout_s}")
+
+    @property
+    def offers_tcp(self) -> bool:
+        """Whether prefill workers may be asked to send KV over the tcp path."""
+        return self.kv_transport == "tcp" or (self.kv_transport == "auto" and self.kv_cross_host == "tcp")

@@ -116,8 +116,7 @@ class Migrations:
         try:
             receiver = KvReceiver(layout, GRPC, None)
             async for msg in messages:
-                for layer, kv in receiver.layers(msg.kv):
-                    w.engine.write_kv(seq, layer, kv)
+                await w.write_kv(seq, list(receiver.layers(msg.kv)))  # off the event loop
             if not receiver.complete:
                 raise BadRequest("adopt: the stream ended before the whole KV arrived")
         except BaseException:

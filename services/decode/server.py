@@ -6,6 +6,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 import grpc
@@ -14,7 +15,8 @@ import torch
 
 from ..common.convert import BadRequest, check_prompt, sampling_from_proto, sampling_to_proto
 from ..common.kv_cuda_ipc import DeviceBuffer
-from ..common.kv_transport import CUDA_IPC, SHM, KvLayout, KvReceiver, ShmPool, host_id
+from ..common.kv_tcp import KvTcpServer
+from ..common.kv_transport import CUDA_IPC, SHM, TCP, KvLayout, KvReceiver, ShmPool, host_id
 from ..common.kv_wire import KvChunkData, prefill_method
 from ..common.registry import WorkerDirectory
 from ..common.request_context import outgoing_metadata
@@ -61,6 +63,10 @@ class DecodeWorker(Worker):
         self.sequences: set[Sequence] = set()  # streaming to a client through this worker
         self.migrations = Migrations(self, config.adopt_timeout_s)
         self.shm_pool = ShmPool()  # shared-memory files offered to prefill workers on this host
+        self.kv_tcp: KvTcpServer | None = None  # the socket prefill workers on other hosts send KV to
+        self.kv_tcp_address = ""
+        # shipped KV is copied into blocks here, not on the event loop (256 MiB: ~0.3 s)
+        self._kv_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-kv-write")
         self._expiry_task: asyncio.Task | None = None
         self.metrics = DecodeMetrics(self)
 
@@ -82,6 +88,9 @@ class DecodeWorker(Worker):
         )
         self.engine.on_slot_freed = self._notify_slot_freed
         self.engine.start()
+        if cfg.offers_tcp:
+            self.kv_tcp = KvTcpServer(cfg.host, cfg.kv_tcp_port, cfg.kv_tcp_timeout_s)
+            self.kv_tcp_address = cfg.advertised(self.kv_tcp.start())
         self._expiry_task = spawn(self._expire_parked(), name="decode.adopt_expiry")
         await super().on_start()
 
@@ -126,6 +135,29 @@ class DecodeWorker(Worker):
                         pass
         finally:
             del self._waiting[token]
+
+    async def write_kv(self, seq: Sequence, layers: list[tuple[int, torch.Tensor]]) -> None:
+        """Copy shipped KV, (layer, [2, KVH, T, D]) pairs, into seq's blocks on the writer thread.
+
+        Returns only once the copy is over, even when cancelled meanwhile: the caller frees the
+        blocks on its way out, and adds the sequence to the engine only after its last write.
+        """
+        if not layers:
+            return
+        done = asyncio.get_running_loop().run_in_executor(self._kv_writer, self._write_layers, seq, layers)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            while not done.done():  # the thread still writes into the blocks
+                try:
+                    await asyncio.wait([done])
+                except asyncio.CancelledError:
+                    pass
+            raise
+
+    def _write_layers(self, seq: Sequence, layers: list[tuple[int, torch.Tensor]]) -> None:
+        for layer, kv in layers:
+            self.engine.write_kv(seq, layer, kv)
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -178,6 +210,9 @@ class DecodeWorker(Worker):
             self.engine.stop()
         for ch in self._channels.values():
             await ch.close()
+        if self.kv_tcp is not None:
+            await asyncio.to_thread(self.kv_tcp.stop)  # joins its connection threads
+        await asyncio.to_thread(self._kv_writer.shutdown)
         self.shm_pool.close()
         await super().on_stop()
 
@@ -313,19 +348,24 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         w = self.worker
         cfg = w.runner.config
         prompt = seq.tokens[: seq.prompt_len]
+        size = cfg.kv_bytes_per_token(w.engine.cache.k[0].element_size()) * len(prompt)
         buffers = {}  # transport -> the buffer offered for it (this worker owns and frees them)
+        inbox = None  # the tcp path's buffer and connection state
+        call = None
         if w.config.kv_transport == "auto" and request.prefill_host_id == host_id():
-            size = cfg.kv_bytes_per_token(w.engine.cache.k[0].element_size()) * len(prompt)
             buffers[SHM] = w.shm_pool.take(size, tag=str(seq.slot))
             if w.engine.cache.device.type == "cuda":
                 buffers[CUDA_IPC] = DeviceBuffer.allocate(size, w.engine.cache.device)
-        call = None
+        elif w.kv_tcp is not None:  # another host (or tcp forced): a socket, one-time token
+            inbox = w.kv_tcp.expect(size, (2, cfg.num_kv_heads, len(prompt), cfg.head_dim), cfg.num_layers)
         try:
             prefill = prefill_method(w.channel(request.prefill_address))  # KV bytes arrive without copies
             shm = buffers.get(SHM)
             target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path) if shm else "", shm_bytes=shm.size if shm else 0)
             if CUDA_IPC in buffers:
                 target.cuda_ipc.CopyFrom(buffers[CUDA_IPC].export())
+            if inbox is not None:
+                target.tcp_address, target.tcp_token = w.kv_tcp_address, inbox.token
             sampling = sampling_to_proto(seq.params)
             sampling.seed = seq.seed  # the prefill worker draws token 0 from the same stream
             call = prefill(pb.PrefillRequest(
@@ -343,7 +383,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     if layout.layer_shape != expected or layout.num_layers != cfg.num_layers:
                         raise ValueError(f"prefill sent KV {layout}, this model needs {expected} x {cfg.num_layers}")
                     timings.prefill_queue_ms = msg.head.queue_ms
-                    receiver = KvReceiver(layout, msg.head.transport, buffers.get(msg.head.transport))
+                    offered = inbox if msg.head.transport == TCP else buffers.get(msg.head.transport)
+                    receiver = KvReceiver(layout, msg.head.transport, offered)
                     kv_start = time.monotonic()
                 elif kind == "first":
                     timings.prefill_compute_ms = msg.first.compute_ms
@@ -353,9 +394,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 elif receiver is None:
                     raise ConnectionError("prefill sent KV before its head")
                 else:
-                    for layer, kv in receiver.layers(msg if isinstance(msg, KvChunkData) else msg.kv):
-                        w.engine.write_kv(seq, layer, kv)
-                        del kv
+                    chunk = msg if isinstance(msg, KvChunkData) else msg.kv
+                    if receiver.transport == TCP:  # the gRPC stream says sent; wait until it is here
+                        await inbox.until(chunk.layer_end, w.config.kv_tcp_timeout_s)
+                        if inbox.layout != receiver.layout:
+                            raise ValueError(f"prefill sent KV {inbox.layout} over tcp, {receiver.layout} in its head")
+                    await w.write_kv(seq, list(receiver.layers(chunk)))
             if receiver is None or not receiver.complete or first is None:
                 raise ConnectionError("prefill stream ended before the whole KV and the first token arrived")
             w.engine.kv_written(seq, len(prompt))
@@ -373,6 +417,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 call.cancel()  # a stalled or failed call must not keep the prefill worker busy
             for buffer in buffers.values():
                 buffer.unlink()
+            if inbox is not None:
+                inbox.close()  # complete: its buffer is pooled; else dropped and the connection reset
 
 
 async def _paced(call, stall_s: float):

@@ -147,16 +147,20 @@ class ResumeRequest(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ...) -> None: ...
 
 class KvTarget(_message.Message):
-    __slots__ = ("host_id", "shm_path", "shm_bytes", "cuda_ipc")
+    __slots__ = ("host_id", "shm_path", "shm_bytes", "cuda_ipc", "tcp_address", "tcp_token")
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     SHM_BYTES_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    TCP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TCP_TOKEN_FIELD_NUMBER: _ClassVar[int]
     host_id: str
     shm_path: str
     shm_bytes: int
     cuda_ipc: CudaIpcBuffer
-    def __init__(self, host_id: _Optional[str] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., cuda_ipc: _Optional[_Union[CudaIpcBuffer, _Mapping]] = ...) -> None: ...
+    tcp_address: str
+    tcp_token: bytes
+    def __init__(self, host_id: _Optional[str] = ..., shm_path: _Optional[str] = ..., shm_bytes: _Optional[int] = ..., cuda_ipc: _Optional[_Union[CudaIpcBuffer, _Mapping]] = ..., tcp_address: _Optional[str] = ..., tcp_token: _Optional[bytes] = ...) -> None: ...
 
 class CudaIpcBuffer(_message.Message):
     __slots__ = ("device_uuid", "handle", "storage_bytes", "storage_offset", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "nbytes")

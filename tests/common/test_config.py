@@ -110,15 +110,30 @@ def test_decode_rejects_concurrency_above_slots():
     assert "9" in str(info.value) and "8" in str(info.value)
 
 
-@pytest.mark.parametrize("transport", ["shm", "", "GRPC", "tcp"])
+@pytest.mark.parametrize("transport", ["shm", "", "GRPC", "raw"])
 def test_decode_rejects_bad_kv_transport(transport):
     with pytest.raises(ValueError, match="kv_transport"):
         DecodeConfig(kv_transport=transport).validate()
 
 
-@pytest.mark.parametrize("transport", ["auto", "grpc"])
+@pytest.mark.parametrize("transport", ["auto", "tcp", "grpc"])
 def test_decode_accepts_known_kv_transport(transport):
     DecodeConfig(kv_transport=transport).validate()
+
+
+@pytest.mark.parametrize(("transport", "cross_host", "offers"), [
+    ("auto", "tcp", True), ("auto", "grpc", False), ("tcp", "grpc", True), ("grpc", "tcp", False),
+])
+def test_decode_offers_the_tcp_path_when_configured(transport, cross_host, offers):
+    cfg = DecodeConfig(kv_transport=transport, kv_cross_host=cross_host)
+    cfg.validate()
+    assert cfg.offers_tcp is offers
+
+
+@pytest.mark.parametrize(("field", "value"), [("kv_cross_host", "shm"), ("kv_tcp_port", 70000), ("kv_tcp_timeout_s", 0)])
+def test_decode_rejects_bad_tcp_settings(field, value):
+    with pytest.raises(ValueError, match=field):
+        DecodeConfig(**{field: value}).validate()
 
 
 @pytest.mark.parametrize("name", ["kv_slots", "max_concurrency", "max_batch_size", "max_waiting"])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 
 import pytest
 import torch
@@ -316,3 +319,49 @@ def test_shm_pool_reuses_the_smallest_fitting_file_within_its_caps(tmp_path, mon
     pool.give_back(b)
     pool.close()
     assert not any(tmp_path.iterdir())
+
+
+# ---- files a killed decode worker left behind ----
+
+
+def test_a_file_is_named_for_its_process(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    shm = ShmFile.create(4096, tag="7")
+    try:
+        assert shm.path.name.startswith(f"elastune-kv-{kt._pid_namespace()}-{os.getpid()}-7-")
+    finally:
+        shm.unlink()
+
+
+def test_a_pool_removes_the_files_of_a_killed_worker_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    ns = kt._pid_namespace()
+    alive = subprocess.Popen(["sleep", "60"])
+    killed = subprocess.Popen(["sleep", "60"])
+    try:
+        alive_file = tmp_path / f"elastune-kv-{ns}-{alive.pid}-7-0123456789ab"
+        killed_file = tmp_path / f"elastune-kv-{ns}-{killed.pid}-7-0123456789ab"
+        others = [tmp_path / "elastune-kv-3-0123456789ab",  # the naming before pids were in it
+                  tmp_path / f"elastune-kv-999-{killed.pid}-1-0123456789ab",  # another pid namespace
+                  tmp_path / "unrelated"]
+        for path in [alive_file, killed_file, *others]:
+            path.write_bytes(b"x")
+        os.kill(killed.pid, signal.SIGKILL)  # no chance to clean up
+        killed.wait(timeout=10)
+        pool = kt.ShmPool()  # a decode worker starting on this host
+        assert pool.removed_stale == [killed_file]
+        assert not killed_file.exists() and alive_file.is_file() and all(p.exists() for p in others)
+        pool.close()
+    finally:
+        alive.kill()
+        alive.wait(timeout=10)
+
+
+def test_a_reused_pid_does_not_keep_a_dead_workers_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(kt, "shm_dir", lambda: tmp_path)
+    parent = os.getppid()  # alive, and started before the file below was made...
+    path = tmp_path / f"elastune-kv-{kt._pid_namespace()}-{parent}-1-0123456789ab"
+    path.write_bytes(b"x")
+    assert kt.ShmPool().removed_stale == []
+    os.utime(path, (0, 0))  # ...unless the file predates the process: its pid was reused
+    assert kt.ShmPool().removed_stale == [path]

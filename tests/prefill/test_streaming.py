@@ -1,5 +1,5 @@
 """The prefill worker streams a prompt's KV layer by layer while later layers compute:
-every layer arrives exactly once and in order (gRPC bytes and shared memory), layer 0 leaves
+every layer arrives exactly once and in order (gRPC bytes, shared memory, tcp), layer 0 leaves
 before the last layer is computed, and a model failure mid-stream ends the stream with a clear
 status, leaves the worker serving, and lets the decode worker fall back and free its file."""
 
@@ -16,7 +16,8 @@ import pytest_asyncio
 import torch
 
 from services.common import kv_transport
-from services.common.kv_transport import GRPC, SHM, KvLayout, KvReceiver, ShmFile, host_id
+from services.common.kv_tcp import KvTcpServer
+from services.common.kv_transport import GRPC, SHM, TCP, KvLayout, KvReceiver, ShmFile, host_id
 from services.common.convert import sampling_from_proto
 from services.proto import inference_pb2 as pb
 from services.proto import inference_pb2_grpc as pb_grpc
@@ -61,15 +62,31 @@ def _kinds(messages) -> list[str]:
     return [m.WhichOneof("kind") for m in messages]
 
 
-@pytest.mark.parametrize("transport", [GRPC, SHM])
-async def test_every_layer_arrives_once_in_order_and_equals_the_model(stack, transport):
-    runner = stack.prefill[0].runner
-    shm = None
-    target = None
+@pytest_asyncio.fixture(loop_scope="module")
+async def tcp_server():
+    server = KvTcpServer("127.0.0.1", 0, timeout_s=5.0)
+    server.start()
+    yield server
+    await asyncio.to_thread(server.stop)
+
+
+def _offer(transport, runner, tcp_server):
+    """(KvTarget, the buffer KvReceiver reads) as a decode worker offers them for PROMPT's KV."""
+    cfg = runner.config
+    size = cfg.kv_bytes_per_token(4) * len(PROMPT)
     if transport == SHM:
-        size = runner.config.kv_bytes_per_token(4) * len(PROMPT)
         shm = ShmFile.create(size, tag="test")
-        target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path), shm_bytes=size)
+        return pb.KvTarget(host_id=host_id(), shm_path=str(shm.path), shm_bytes=size), shm
+    if transport == TCP:
+        inbox = tcp_server.expect(size, (2, cfg.num_kv_heads, len(PROMPT), cfg.head_dim), cfg.num_layers)
+        return pb.KvTarget(tcp_address=f"127.0.0.1:{tcp_server.port}", tcp_token=inbox.token), inbox
+    return None, None
+
+
+@pytest.mark.parametrize("transport", [GRPC, SHM, TCP])
+async def test_every_layer_arrives_once_in_order_and_equals_the_model(stack, transport, tcp_server):
+    runner = stack.prefill[0].runner
+    target, shm = _offer(transport, runner, tcp_server)
     try:
         messages = await _prefill(stack, _request(target))
         kinds = _kinds(messages)
@@ -85,6 +102,8 @@ async def test_every_layer_arrives_once_in_order_and_equals_the_model(stack, tra
         got = {}
         for m in messages:
             if m.HasField("kv"):
+                if transport == TCP:
+                    await shm.until(m.kv.layer_end, 5.0)
                 for layer, kv in receiver.layers(m.kv):
                     got[layer] = kv.clone()
         assert receiver.complete
@@ -96,7 +115,7 @@ async def test_every_layer_arrives_once_in_order_and_equals_the_model(stack, tra
             assert torch.allclose(got[layer], want[0].kv[layer], atol=1e-6), layer
     finally:
         if shm is not None:
-            shm.unlink()
+            shm.close() if transport == TCP else shm.unlink()
 
 
 async def test_layer_zero_leaves_before_the_last_layer_is_computed(stack, model):
@@ -135,14 +154,9 @@ def _fail_at(model, layer: int, before_failing=lambda: None):
     return model.layers[layer].input_layernorm.register_forward_pre_hook(boom)
 
 
-@pytest.mark.parametrize("transport", [GRPC, SHM])
-async def test_failure_mid_stream_is_internal_and_the_worker_keeps_serving(stack, model, transport):
-    shm = None
-    target = None
-    if transport == SHM:
-        size = stack.prefill[0].runner.config.kv_bytes_per_token(4) * len(PROMPT)
-        shm = ShmFile.create(size, tag="test")
-        target = pb.KvTarget(host_id=host_id(), shm_path=str(shm.path), shm_bytes=size)
+@pytest.mark.parametrize("transport", [GRPC, SHM, TCP])
+async def test_failure_mid_stream_is_internal_and_the_worker_keeps_serving(stack, model, transport, tcp_server):
+    target, shm = _offer(transport, stack.prefill[0].runner, tcp_server)
     received = []
     handle = _fail_at(model, 2)
     try:
@@ -150,8 +164,13 @@ async def test_failure_mid_stream_is_internal_and_the_worker_keeps_serving(stack
             await _prefill(stack, _request(target), received.append)
     finally:
         handle.remove()
-        if shm is not None:
+        if shm is not None and transport == SHM:
             shm.unlink()
+    if transport == TCP:  # the decode side learns it from the connection too, and never sees it complete
+        with pytest.raises(ConnectionError, match="failed after 2 of"):
+            await shm.until(shm.expected[1], 5.0)
+        shm.close()
+        assert not shm.complete and tcp_server.pool.idle_bytes == 0
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "after 2 of" in err.value.details() and "injected failure in layer 2" in err.value.details()
     # the layers computed before the failure were streamed; no first token was sent
