@@ -21,6 +21,7 @@ from .profile import Profile
 SHARES = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 DECODE_BATCHES = (8, 16, 32, 64, 128, 256, 512)
 PREFILL_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
+EXPERTS_MICRO_BATCHES = (16, 64, 256, 1024, 4096)  # routed pairs per expert pass
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,28 @@ def _prefill_point(profile: Profile, share: float, batch_tokens: int, work: Work
                         n * length / ms * 1000.0, ms, ms)
 
 
-def build_table(profile: Profile, work: Workload, shares: tuple[float, ...] = SHARES) -> TuningTable:
+def _experts_point(profile: Profile, share: float, micro_batch: int, call_pairs: int) -> ProfilePoint:
+    """As `elastune profile --stages experts` measures: a call of `call_pairs` routed pairs cut into
+    micro-batches; throughput in pairs/s over the call, latency one micro-batch (the device hold)."""
+    model = profile.experts_model()
+    call_ms = model.call_ms(call_pairs, share, micro_batch)
+    piece_ms = model.call_ms(min(call_pairs, micro_batch), share, micro_batch)
+    return ProfilePoint(profile.name, "experts", profile.device, share, {"max_batch_size": micro_batch},
+                        call_pairs / call_ms * 1000.0, piece_ms, piece_ms, workload={"call_tokens": call_pairs})
+
+
+def build_table(profile: Profile, work: Workload, shares: tuple[float, ...] = SHARES,
+                experts_call_pairs: int = 0) -> TuningTable:
+    """The table; with experts_call_pairs > 0 (an MoE run) the experts rows too, at that call size."""
     table = TuningTable()
     for share in shares:
         for batch in DECODE_BATCHES:
             table.add(_decode_point(profile, share, batch, work))
         for tokens in PREFILL_TOKENS:
             table.add(_prefill_point(profile, share, tokens, work))
+        if experts_call_pairs > 0:
+            for micro_batch in EXPERTS_MICRO_BATCHES:
+                table.add(_experts_point(profile, share, micro_batch, experts_call_pairs))
     return table
 
 
@@ -91,7 +107,7 @@ def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, 
     within = [p for p in points if p.meets(slo_ms)]
     if not within:
         raise ValueError(f"{stage}: no profiled config meets the {slo_ms} ms SLO at any share")
-    key = "max_batch_size" if stage == "decode" else "max_batch_tokens"
+    key = "max_batch_tokens" if stage == "prefill" else "max_batch_size"
     # knees_by_batch groups by max_batch_size; prefill configs group by batch tokens instead.
     grouped = [ProfilePoint(p.model, p.stage, p.device, p.share, {"max_batch_size": p.config[key]},
                             p.throughput_tokens_per_s, p.latency_p50_ms, p.latency_p95_ms) for p in within]
@@ -108,8 +124,11 @@ def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, 
     return min(near, key=lambda c: c[:2])[2]
 
 
-def default_plan(profile: Profile, work: Workload, stage: str) -> StagePlan:
+def default_plan(profile: Profile, work: Workload, stage: str, experts_call_pairs: int = 1) -> StagePlan:
     """What an untuned deployment runs: a whole GPU per pod and the profile's default config."""
+    if stage == "experts":
+        p = _experts_point(profile, 1.0, profile.experts_model().max_batch_size, experts_call_pairs)
+        return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
     if stage == "decode":
         p = _decode_point(profile, 1.0, profile.decode.max_batch_size, work)
         return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)

@@ -1,0 +1,154 @@
+"""The experts stage of an MoE model in the simulator: routed load, expert groups, their latency. Pure.
+
+Routing (MoeSpec): every token a decode step makes and every prompt token a prefill micro-batch
+computes is routed, at each of the model's MoE layers, to `top_k` of `experts` experts. Expert e
+draws a share of the (token, expert) pairs proportional to 1 / (e + 1) ** skew (Zipf; expert 0 is
+the hottest, skew 0 is uniform); the experts sit in groups as the real stack places them
+(services/experts/placement.py, Placement.even: contiguous blocks, so g0 holds the hot ones).
+Each step sends every group its expected share of the pairs, not a sampled one: deterministic,
+worked out once per batch size, and no draws from the run's RNG (a run without experts makes
+exactly the draws it made before this module existed).
+
+Latency: a call of P pairs to a group takes S = ExpertsModel.call_ms(P, share, micro-batch) of one
+replica's device time. An experts server queues pieces, not calls (services/experts/micro_batch.py),
+so concurrent calls share its device: a replica is a processor-sharing queue, whose mean response
+is S / (1 - rho) whatever the service-time distribution (M/G/1-PS). rho is the group's device time
+demanded per second (over the load-report window) per ready replica, capped at RHO_MAX: a window
+still full of the load before a scale-down can read above 1 for a moment. A step makes one call
+per MoE layer, to every group at once, and goes on when the slowest group answers:
+    step's experts wait = layers x max over groups of S_g / (1 - rho_g)
+The loop is closed, as in the real stack: an overloaded group slows the steps that wait on it,
+which lowers the routed rate, so the measured rho settles below 1 instead of diverging.
+
+Signals: a group's ready pods become the LoadReports its experts servers would publish (routed
+pairs/s as prompt_tokens_per_s, calls and pairs in flight by Little's law), the simulated gateway
+adds its report, and services.scaler.signal_source.stage_view (the real scaler's aggregation)
+turns them into the group's StageSignals and activity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from services.common.load_report import LoadReport
+from services.experts.placement import Placement, stage_of
+from services.scaler.signal_source import stage_view
+from services.scaler.signals import StageSignals
+
+from .profile import ExpertsModel
+from .window import Window
+
+RHO_MAX = 0.95
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """How a workload's tokens reach the experts (an experiment's `moe:` block)."""
+
+    experts: int
+    top_k: int
+    groups: int
+    skew: float = 0.0  # Zipf exponent over the expert index; 0: uniform
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"moe.top_k must be in 1..{self.experts} (moe.experts), got {self.top_k}")
+        if not 1 <= self.groups <= self.experts:
+            raise ValueError(f"moe.groups must be in 1..{self.experts} (moe.experts), got {self.groups}")
+        if not self.skew >= 0:
+            raise ValueError(f"moe.skew must be >= 0, got {self.skew}")
+
+    def placement(self) -> Placement:
+        return Placement.even(self.experts, self.groups)
+
+    def group_shares(self) -> dict[str, float]:
+        """{stage experts/<group>: its fraction of the routed pairs}, in group order (g0 first)."""
+        weights = [1.0 / (e + 1) ** self.skew for e in range(self.experts)]
+        total = sum(weights)
+        placement = self.placement()
+        return {stage_of(g): sum(weights[e] for e in placement.groups[g]) / total
+                for g in sorted(placement.groups, key=lambda name: int(name[1:]))}
+
+    def stages(self) -> tuple[str, ...]:
+        return tuple(self.group_shares())
+
+
+class ExpertGroup:
+    """One group's routed load over the load-report window."""
+
+    def __init__(self, stage: str, fraction: float, window_s: float):
+        self.stage, self.fraction = stage, fraction
+        self.routed = Window(window_s)  # pairs
+        self.work = Window(window_s)  # device seconds
+        self.calls = Window(window_s)
+
+
+class ExpertsStage:
+    """Every expert group of a run; `ready` maps a group's stage to its ready pods (the simulator's
+    accepting lists), which set how many replicas share the group's load."""
+
+    def __init__(self, spec: MoeSpec, model: ExpertsModel, share: float, micro_batch: int, window_s: float,
+                 ready: dict[str, list]):
+        self.spec, self.model, self.share, self.micro_batch = spec, model, share, micro_batch
+        self.groups = [ExpertGroup(stage, f, window_s) for stage, f in spec.group_shares().items()]
+        self.by_stage = {g.stage: g for g in self.groups}
+        self.ready = ready
+        self._calls: dict[int, list[tuple[float, float]]] = {}  # tokens -> per group (pairs, device ms)
+
+    def calls(self, tokens: int) -> list[tuple[float, float]]:
+        """Per group, the pairs and device ms of one MoE layer's call for `tokens` tokens."""
+        found = self._calls.get(tokens)
+        if found is None:
+            k, m = self.spec.top_k, self.model
+            found = []
+            for g in self.groups:
+                pairs = tokens * k * g.fraction
+                found.append((pairs, m.call_ms(pairs, self.share, self.micro_batch)))
+            self._calls[tokens] = found
+        return found
+
+    def rho(self, group: ExpertGroup, now: float) -> float:
+        n = len(self.ready[group.stage])
+        return min(group.work.rate(now) / n, RHO_MAX) if n else RHO_MAX
+
+    def delay_s(self, tokens: int, now: float) -> float:
+        """How long a step (or prefill micro-batch) of `tokens` tokens waits on its experts."""
+        if tokens <= 0:
+            return 0.0
+        worst = 0.0
+        for g, (_, ms) in zip(self.groups, self.calls(tokens)):
+            if ms > 0:
+                worst = max(worst, ms / (1.0 - self.rho(g, now)))
+        return self.model.layers * worst / 1000.0
+
+    def account(self, tokens: int, steps: int, now: float) -> None:
+        """`steps` steps of `tokens` tokens each were routed (their calls were made by `now`)."""
+        if tokens <= 0 or steps <= 0:
+            return
+        calls = self.model.layers * steps
+        for g, (pairs, ms) in zip(self.groups, self.calls(tokens)):
+            if pairs > 0:
+                g.routed.add(now, pairs * calls)
+                g.work.add(now, ms * calls / 1000.0)
+                g.calls.add(now, calls)
+
+    def view(self, stage: str, now: float, pending: int, gateway: LoadReport) -> tuple[StageSignals, bool]:
+        """The group's signals and activity, as the real scaler reads them from the store."""
+        g = self.by_stage[stage]
+        ready = self.ready[stage]
+        n = len(ready)
+        routed, calls, work = g.routed.rate(now), g.calls.rate(now), g.work.rate(now)
+        # Little's law: in flight = arrival rate x time in the server (mean device time / (1 - rho)).
+        response = (work / calls) / (1.0 - self.rho(g, now)) if calls > 0 else 0.0
+        reports = [LoadReport(worker_id=f"{stage}-{pod.pod_id}", stage=stage, address="", host_id="", model="",
+                              timestamp_unix=now, queue_len=int(round(calls * response / n)),
+                              queued_tokens=int(round(routed * response / n)), prompt_tokens_per_s=routed / n,
+                              gpu_share=pod.share) for pod in ready]
+        v = stage_view(stage, reports, [gateway], n + pending, now)
+        return v.signals, v.active
+
+
+def typical_call_pairs(batch: int, spec: MoeSpec) -> int:
+    """Pairs in a full decode batch's call to an average group: what the experts table rows are measured at."""
+    return max(int(math.ceil(batch * spec.top_k / spec.groups)), 1)
