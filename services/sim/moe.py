@@ -12,13 +12,16 @@ exactly the draws it made before this module existed).
 Latency: a call of P pairs to a group takes S = ExpertsModel.call_ms(P, share, micro-batch) of one
 replica's device time. An experts server queues pieces, not calls (services/experts/micro_batch.py),
 so concurrent calls share its device: a replica is a processor-sharing queue, whose mean response
-is S / (1 - rho) whatever the service-time distribution (M/G/1-PS). rho is the group's device time
-demanded per second (over the load-report window) per ready replica, capped at RHO_MAX: a window
-still full of the load before a scale-down can read above 1 for a moment. A step makes one call
-per MoE layer, to every group at once, and goes on when the slowest group answers:
-    step's experts wait = layers x max over groups of S_g / (1 - rho_g)
+is S / (1 - rho) whatever the service-time distribution (M/G/1-PS), rho being the group's device
+time demanded per second (over the load-report window) per ready replica. That open-system figure
+assumes endless callers; here a caller (a decode or prefill pod) has at most one call out per
+group, since it waits for the answer, so the N callers spread over a group's n replicas put at
+most (N - 1) / n other calls beside a call. The response is the smaller of the two:
+    R_g = S_g x min(1 / (1 - rho_g), 1 + (N - 1) / n_g)       (rho_g >= 1: the second)
+A step makes one call per MoE layer, to every group at once, and goes on when the slowest answers:
+    step's experts wait = layers x max over groups of R_g
 The loop is closed, as in the real stack: an overloaded group slows the steps that wait on it,
-which lowers the routed rate, so the measured rho settles below 1 instead of diverging.
+which lowers the routed rate.
 
 Signals: a group's ready pods become the LoadReports its experts servers would publish (routed
 pairs/s as prompt_tokens_per_s, calls and pairs in flight by Little's law), the simulated gateway
@@ -38,9 +41,6 @@ from services.scaler.signals import StageSignals
 
 from .profile import ExpertsModel
 from .window import Window
-
-RHO_MAX = 0.95
-
 
 @dataclass(frozen=True)
 class MoeSpec:
@@ -110,7 +110,14 @@ class ExpertsStage:
 
     def rho(self, group: ExpertGroup, now: float) -> float:
         n = len(self.ready[group.stage])
-        return min(group.work.rate(now) / n, RHO_MAX) if n else RHO_MAX
+        return group.work.rate(now) / n if n else math.inf
+
+    def stretch(self, group: ExpertGroup, now: float) -> float:
+        """R / S for a call to the group now (see the module docstring)."""
+        callers = len(self.ready["decode"]) + len(self.ready["prefill"])
+        bound = 1.0 + max(callers - 1, 0) / max(len(self.ready[group.stage]), 1)
+        rho = self.rho(group, now)
+        return min(1.0 / (1.0 - rho), bound) if rho < 1.0 else bound
 
     def delay_s(self, tokens: int, now: float) -> float:
         """How long a step (or prefill micro-batch) of `tokens` tokens waits on its experts."""
@@ -119,7 +126,7 @@ class ExpertsStage:
         worst = 0.0
         for g, (_, ms) in zip(self.groups, self.calls(tokens)):
             if ms > 0:
-                worst = max(worst, ms / (1.0 - self.rho(g, now)))
+                worst = max(worst, ms * self.stretch(g, now))
         return self.model.layers * worst / 1000.0
 
     def account(self, tokens: int, steps: int, now: float) -> None:
@@ -139,14 +146,22 @@ class ExpertsStage:
         ready = self.ready[stage]
         n = len(ready)
         routed, calls, work = g.routed.rate(now), g.calls.rate(now), g.work.rate(now)
-        # Little's law: in flight = arrival rate x time in the server (mean device time / (1 - rho)).
-        response = (work / calls) / (1.0 - self.rho(g, now)) if calls > 0 else 0.0
+        # Little's law: in flight = arrival rate x time in the server (mean device time, stretched).
+        response = (work / calls) * self.stretch(g, now) if calls > 0 else 0.0
         reports = [LoadReport(worker_id=f"{stage}-{pod.pod_id}", stage=stage, address="", host_id="", model="",
                               timestamp_unix=now, queue_len=int(round(calls * response / n)),
                               queued_tokens=int(round(routed * response / n)), prompt_tokens_per_s=routed / n,
                               gpu_share=pod.share) for pod in ready]
         v = stage_view(stage, reports, [gateway], n + pending, now)
         return v.signals, v.active
+
+
+def unloaded_wait_ms(spec: MoeSpec, model: ExpertsModel, share: float, micro_batch: int, tokens: float) -> float:
+    """What `tokens` tokens wait on idle expert groups: every layer's slowest group's call."""
+    if tokens <= 0:
+        return 0.0
+    worst = max(model.call_ms(tokens * spec.top_k * f, share, micro_batch) for f in spec.group_shares().values())
+    return model.layers * worst
 
 
 def typical_call_pairs(batch: int, spec: MoeSpec) -> int:

@@ -6,6 +6,11 @@ for each share on a grid and each runtime config, throughput and per-token (deco
 (services/tuner: knees_by_batch, best_within_slo, choose) to pick each stage's share and config:
 per batch size the knee share, then among the (batch, knee) pairs within the SLO and within epsilon
 of the most tokens/s per GPU, the one with the lowest latency. Pure.
+
+MoE runs (a MoeSpec): the table also has "experts" rows (expert micro-batch x share, at the call
+size of a full decode batch to an average group), and the decode and prefill rows include what a
+step or micro-batch waits on its experts when they are idle (at a whole device and the profile's
+micro-batch), as profiling the MoE model's own stages against its expert groups would measure.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from services.tuner.knee import knees_by_batch
 from services.tuner.selection import choose
 from services.tuner.table import ProfilePoint, TuningTable
 
+from .moe import MoeSpec, typical_call_pairs, unloaded_wait_ms
 from .profile import Profile
 
 SHARES = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
@@ -45,20 +51,32 @@ class Workload:
         return self.mean_prompt + self.mean_output
 
 
-def _decode_point(profile: Profile, share: float, batch: int, work: Workload) -> ProfilePoint:
+def _experts_wait(profile: Profile, moe: MoeSpec | None, tokens: float) -> float:
+    if moe is None:
+        return 0.0
+    model = profile.experts_model()
+    return unloaded_wait_ms(moe, model, 1.0, model.max_batch_size, tokens)
+
+
+def _decode_point(profile: Profile, share: float, batch: int, work: Workload, moe: MoeSpec | None = None) -> ProfilePoint:
     model = profile.decode
     fits = max(int(model.kv_capacity(share) // work.kv_per_seq), 1)
     running = min(batch, fits)  # KV caps the batch the config asks for
     step_ms = model.step_ms(running, running * work.mean_context, share)
+    if moe is not None:
+        step_ms += _experts_wait(profile, moe, running)
     return ProfilePoint(profile.name, "decode", profile.device, share, {"max_batch_size": batch},
                         running / step_ms * 1000.0, step_ms, step_ms)
 
 
-def _prefill_point(profile: Profile, share: float, batch_tokens: int, work: Workload) -> ProfilePoint:
+def _prefill_point(profile: Profile, share: float, batch_tokens: int, work: Workload,
+                   moe: MoeSpec | None = None) -> ProfilePoint:
     model = profile.prefill
     length = max(work.mean_prompt, 1.0)
     n = max(int(batch_tokens // length), 1)
     ms = model.batch_ms(n * length, n * work.prompt_sq, n, share)
+    if moe is not None:
+        ms += _experts_wait(profile, moe, n * length)
     return ProfilePoint(profile.name, "prefill", profile.device, share, {"max_batch_tokens": batch_tokens},
                         n * length / ms * 1000.0, ms, ms)
 
@@ -73,18 +91,24 @@ def _experts_point(profile: Profile, share: float, micro_batch: int, call_pairs:
                         call_pairs / call_ms * 1000.0, piece_ms, piece_ms, workload={"call_tokens": call_pairs})
 
 
+def experts_call_pairs(profile: Profile, moe: MoeSpec) -> int:
+    """The call size the experts rows are measured at: a full decode batch's call to an average group."""
+    return typical_call_pairs(profile.decode.max_batch_size, moe)
+
+
 def build_table(profile: Profile, work: Workload, shares: tuple[float, ...] = SHARES,
-                experts_call_pairs: int = 0) -> TuningTable:
-    """The table; with experts_call_pairs > 0 (an MoE run) the experts rows too, at that call size."""
+                moe: MoeSpec | None = None) -> TuningTable:
+    """The table (see the module docstring for what an MoE run adds)."""
     table = TuningTable()
+    call_pairs = experts_call_pairs(profile, moe) if moe is not None else 0
     for share in shares:
         for batch in DECODE_BATCHES:
-            table.add(_decode_point(profile, share, batch, work))
+            table.add(_decode_point(profile, share, batch, work, moe))
         for tokens in PREFILL_TOKENS:
-            table.add(_prefill_point(profile, share, tokens, work))
-        if experts_call_pairs > 0:
+            table.add(_prefill_point(profile, share, tokens, work, moe))
+        if moe is not None:
             for micro_batch in EXPERTS_MICRO_BATCHES:
-                table.add(_experts_point(profile, share, micro_batch, experts_call_pairs))
+                table.add(_experts_point(profile, share, micro_batch, call_pairs))
     return table
 
 
@@ -124,15 +148,15 @@ def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, 
     return min(near, key=lambda c: c[:2])[2]
 
 
-def default_plan(profile: Profile, work: Workload, stage: str, experts_call_pairs: int = 1) -> StagePlan:
+def default_plan(profile: Profile, work: Workload, stage: str, moe: MoeSpec | None = None) -> StagePlan:
     """What an untuned deployment runs: a whole GPU per pod and the profile's default config."""
     if stage == "experts":
-        p = _experts_point(profile, 1.0, profile.experts_model().max_batch_size, experts_call_pairs)
+        p = _experts_point(profile, 1.0, profile.experts_model().max_batch_size, experts_call_pairs(profile, moe))
         return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
     if stage == "decode":
-        p = _decode_point(profile, 1.0, profile.decode.max_batch_size, work)
+        p = _decode_point(profile, 1.0, profile.decode.max_batch_size, work, moe)
         return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
-    p = _prefill_point(profile, 1.0, profile.prefill.max_batch_tokens, work)
+    p = _prefill_point(profile, 1.0, profile.prefill.max_batch_tokens, work, moe)
     return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
 
 
