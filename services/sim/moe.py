@@ -14,9 +14,10 @@ replica's device time. An experts server queues pieces, not calls (services/expe
 so concurrent calls share its device: a replica is a processor-sharing queue, whose mean response
 is S / (1 - rho) whatever the service-time distribution (M/G/1-PS), rho being the group's device
 time demanded per second (over the load-report window) per ready replica. That open-system figure
-assumes endless callers; here a caller (a decode or prefill pod) has at most one call out per
-group, since it waits for the answer, so the N callers spread over a group's n replicas put at
-most (N - 1) / n other calls beside a call. The response is the smaller of the two:
+assumes endless callers; here a caller (a decode pod with sequences, a prefill pod with a
+micro-batch) has at most one call out per group, since it waits for the answer, so N such
+callers spread over a group's n replicas put at most (N - 1) / n other calls beside a call (a
+lone caller never queues behind itself). The response is the smaller of the two:
     R_g = S_g x min(1 / (1 - rho_g), 1 + (N - 1) / n_g)       (rho_g >= 1: the second)
 A step makes one call per MoE layer, to every group at once, and goes on when the slowest answers:
     step's experts wait = layers x max over groups of R_g
@@ -86,7 +87,8 @@ class ExpertGroup:
 
 class ExpertsStage:
     """Every expert group of a run; `ready` maps a group's stage to its ready pods (the simulator's
-    accepting lists), which set how many replicas share the group's load."""
+    accepting lists), which set how many replicas share the group's load. `callers` is how many
+    pods are computing now (the simulator counts them in and out)."""
 
     def __init__(self, spec: MoeSpec, model: ExpertsModel, share: float, micro_batch: int, window_s: float,
                  ready: dict[str, list]):
@@ -94,6 +96,7 @@ class ExpertsStage:
         self.groups = [ExpertGroup(stage, f, window_s) for stage, f in spec.group_shares().items()]
         self.by_stage = {g.stage: g for g in self.groups}
         self.ready = ready
+        self.callers = 0
         self._calls: dict[int, list[tuple[float, float]]] = {}  # tokens -> per group (pairs, device ms)
 
     def calls(self, tokens: int) -> list[tuple[float, float]]:
@@ -114,8 +117,7 @@ class ExpertsStage:
 
     def stretch(self, group: ExpertGroup, now: float) -> float:
         """R / S for a call to the group now (see the module docstring)."""
-        callers = len(self.ready["decode"]) + len(self.ready["prefill"])
-        bound = 1.0 + max(callers - 1, 0) / max(len(self.ready[group.stage]), 1)
+        bound = 1.0 + max(self.callers - 1, 0) / max(len(self.ready[group.stage]), 1)
         rho = self.rho(group, now)
         return min(1.0 / (1.0 - rho), bound) if rho < 1.0 else bound
 

@@ -227,6 +227,7 @@ class Simulator:
 
     def _experts_wait(self, tokens: int, now: float) -> float:
         """A prefill micro-batch's wait on the expert groups; its routed pairs reach them now."""
+        self.experts.callers += 1  # until the batch is done
         wait = self.experts.delay_s(tokens, now)
         self.experts.account(tokens, 1, now)
         return wait
@@ -234,6 +235,8 @@ class Simulator:
     def _on_prefill_done(self, pod: PrefillPod, now: float) -> None:
         per_token, extra = self.c.profile.kv_transfer_ms_per_token / 1000.0, self.request_overhead_s
         done = pod.finish_batch()
+        if self.experts is not None and done:
+            self.experts.callers -= 1
         if self.shared_host and done:  # the hand-off and the stack's hops are CPU work on the host too
             slow = self._slowdown(pod, now)
             per_token, extra = per_token * slow, extra * slow
@@ -282,6 +285,7 @@ class Simulator:
         if self.experts is None:
             pod.retime(slow)
         else:
+            self.experts.callers += (pod.batch > 0) - (batch > 0)  # the pod started or stopped stepping
             pod.retime(slow, self.experts.delay_s(pod.batch, now))
         for rid in joined:  # the first decode token comes one step after joining
             self.data.itl_values.append(now + pod.dt - self.first[rid])
