@@ -39,8 +39,11 @@ def main() -> None:
     ap.add_argument("--multiplier", type=float, default=17.5, help="requests x the trace (0: the config's)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--moe", default="", help="experts,top_k,groups,skew: turn the experts stage on, e.g. 8,2,4,1.2")
+    ap.add_argument("--gpus", type=int, default=0, help="cluster size (0: the config's)")
     args = ap.parse_args()
     cfg = load(args.config)
+    if args.gpus:
+        cfg = replace(cfg, sim=replace(cfg.sim, gpus=args.gpus))
     if args.moe:
         experts, top_k, groups, skew = args.moe.split(",")
         cfg = replace(cfg, moe=MoeSection(int(experts), int(top_k), int(groups), float(skew)))
@@ -66,6 +69,7 @@ def main() -> None:
                          "peak_pods": data.stats["peak_pods"], "mean_gpus": data.share_seconds / data.duration_s,
                          "simulated_s": data.duration_s})
     result = {"machine": machine(), "device": "cpu", "commit": commit(), "config": args.config, "moe": args.moe,
+              "gpus": cfg.sim.gpus,
               "workload_build_s": build_s, "rows": rows}
     print(f"\n{len(requests)} requests ({cfg.workload.rate_multiplier}x the Azure conversation trace), "
           f"built in {build_s:.1f} s; commit {result['commit']}")
