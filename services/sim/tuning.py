@@ -7,8 +7,8 @@ for each share on a grid and each runtime config, throughput and per-token (deco
 per batch size the knee share, then among the (batch, knee) pairs within the SLO and within epsilon
 of the most tokens/s per GPU, the one with the lowest latency. Pure.
 
-MoE runs (a MoeSpec): the table also has "experts" rows (expert micro-batch x share, at the call
-size of a full decode batch to an average group), and the decode and prefill rows include what a
+MoE runs (a MoeSpec): the table also has "experts" rows (expert micro-batch x share, over the mix
+of decode and prefill calls the workload makes: experts_calls), and the decode and prefill rows include what a
 step or micro-batch waits on its experts when they are idle (at a whole device and the profile's
 micro-batch), as profiling the MoE model's own stages against its expert groups would measure.
 """
@@ -81,26 +81,37 @@ def _prefill_point(profile: Profile, share: float, batch_tokens: int, work: Work
                         n * length / ms * 1000.0, ms, ms)
 
 
-def _experts_point(profile: Profile, share: float, micro_batch: int, call_pairs: int) -> ProfilePoint:
-    """As `elastune profile --stages experts` measures: a call of `call_pairs` routed pairs cut into
-    micro-batches; throughput in pairs/s over the call, latency one micro-batch (the device hold)."""
+Calls = tuple[tuple[int, float], ...]  # (routed pairs in a call, share of all pairs that come in such calls)
+
+
+def _experts_point(profile: Profile, share: float, micro_batch: int, calls: Calls) -> ProfilePoint:
+    """What `elastune profile --stages experts` measures, for the run's mix of calls: each call cut
+    into micro-batches; throughput = routed pairs per second of device time over the mix, latency
+    one micro-batch of the largest call (the longest the device is held)."""
     model = profile.experts_model()
-    call_ms = model.call_ms(call_pairs, share, micro_batch)
-    piece_ms = model.call_ms(min(call_pairs, micro_batch), share, micro_batch)
+    ms_per_pair = sum(weight * model.call_ms(pairs, share, micro_batch) / pairs for pairs, weight in calls)
+    largest = max(pairs for pairs, _ in calls)
+    piece_ms = model.call_ms(min(largest, micro_batch), share, micro_batch)
+    mean_call = int(round(sum(pairs * weight for pairs, weight in calls)))
     return ProfilePoint(profile.name, "experts", profile.device, share, {"max_batch_size": micro_batch},
-                        call_pairs / call_ms * 1000.0, piece_ms, piece_ms, workload={"call_tokens": call_pairs})
+                        1000.0 / ms_per_pair, piece_ms, piece_ms, workload={"call_tokens": mean_call})
 
 
-def experts_call_pairs(profile: Profile, moe: MoeSpec) -> int:
-    """The call size the experts rows are measured at: a full decode batch's call to an average group."""
-    return typical_call_pairs(profile.decode.max_batch_size, moe)
+def experts_calls(profile: Profile, moe: MoeSpec, work: Workload) -> Calls:
+    """The calls the experts rows are measured over: a full decode batch's and a full prefill
+    micro-batch's call to an average group, weighted by the pairs each kind carries (the
+    workload's output and prompt tokens: prefill calls are few but carry most pairs when prompts
+    are longer than outputs)."""
+    prompt = work.mean_prompt / max(work.mean_prompt + work.mean_output, 1e-9)
+    return ((typical_call_pairs(profile.decode.max_batch_size, moe), 1.0 - prompt),
+            (typical_call_pairs(profile.prefill.max_batch_tokens, moe), prompt))
 
 
 def build_table(profile: Profile, work: Workload, shares: tuple[float, ...] = SHARES,
                 moe: MoeSpec | None = None) -> TuningTable:
     """The table (see the module docstring for what an MoE run adds)."""
     table = TuningTable()
-    call_pairs = experts_call_pairs(profile, moe) if moe is not None else 0
+    calls = experts_calls(profile, moe, work) if moe is not None else ()
     for share in shares:
         for batch in DECODE_BATCHES:
             table.add(_decode_point(profile, share, batch, work, moe))
@@ -108,7 +119,7 @@ def build_table(profile: Profile, work: Workload, shares: tuple[float, ...] = SH
             table.add(_prefill_point(profile, share, tokens, work, moe))
         if moe is not None:
             for micro_batch in EXPERTS_MICRO_BATCHES:
-                table.add(_experts_point(profile, share, micro_batch, call_pairs))
+                table.add(_experts_point(profile, share, micro_batch, calls))
     return table
 
 
@@ -151,7 +162,7 @@ def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, 
 def default_plan(profile: Profile, work: Workload, stage: str, moe: MoeSpec | None = None) -> StagePlan:
     """What an untuned deployment runs: a whole GPU per pod and the profile's default config."""
     if stage == "experts":
-        p = _experts_point(profile, 1.0, profile.experts_model().max_batch_size, experts_call_pairs(profile, moe))
+        p = _experts_point(profile, 1.0, profile.experts_model().max_batch_size, experts_calls(profile, moe, work))
         return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
     if stage == "decode":
         p = _decode_point(profile, 1.0, profile.decode.max_batch_size, work, moe)
