@@ -33,6 +33,7 @@ turns them into the group's StageSignals and activity.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from services.common.load_report import LoadReport
@@ -41,7 +42,6 @@ from services.scaler.signal_source import stage_view
 from services.scaler.signals import StageSignals
 
 from .profile import ExpertsModel
-from .window import Window
 
 @dataclass(frozen=True)
 class MoeSpec:
@@ -76,13 +76,43 @@ class MoeSpec:
 
 
 class ExpertGroup:
-    """One group's routed load over the load-report window."""
+    """One group's routed load over the load-report window: pairs, device seconds and calls.
+
+    One deque for the three (not three Windows): every call adds to all of them at once, and this
+    is the simulator's hottest path with experts on. The sums are kept as Window keeps its own
+    (added and pruned in the same order), so the rates are the same floats."""
 
     def __init__(self, stage: str, fraction: float, window_s: float):
-        self.stage, self.fraction = stage, fraction
-        self.routed = Window(window_s)  # pairs
-        self.work = Window(window_s)  # device seconds
-        self.calls = Window(window_s)
+        if window_s <= 0:
+            raise ValueError("a window needs a positive span")
+        self.stage, self.fraction, self.span_s = stage, fraction, window_s
+        self._items: deque[tuple[float, float, float, float]] = deque()  # (time, pairs, seconds, calls)
+        self._pairs = self._work = self._calls = 0.0
+
+    def add(self, now: float, pairs: float, work_s: float, calls: float) -> None:
+        self._items.append((now, pairs, work_s, calls))
+        self._pairs += pairs
+        self._work += work_s
+        self._calls += calls
+
+    def _prune(self, now: float) -> None:
+        items, cutoff = self._items, now - self.span_s
+        while items and items[0][0] <= cutoff:
+            _, pairs, work_s, calls = items.popleft()
+            self._pairs -= pairs
+            self._work -= work_s
+            self._calls -= calls
+
+    def work_rate(self, now: float) -> float:
+        """Device seconds per second over the window (the group's offered load, in devices)."""
+        self._prune(now)
+        return max(self._work, 0.0) / self.span_s
+
+    def rates(self, now: float) -> tuple[float, float, float]:
+        """(pairs/s, calls/s, device seconds/s) over the window."""
+        self._prune(now)
+        return (max(self._pairs, 0.0) / self.span_s, max(self._calls, 0.0) / self.span_s,
+                max(self._work, 0.0) / self.span_s)
 
 
 class ExpertsStage:
@@ -113,7 +143,7 @@ class ExpertsStage:
 
     def rho(self, group: ExpertGroup, now: float) -> float:
         n = len(self.ready[group.stage])
-        return group.work.rate(now) / n if n else math.inf
+        return group.work_rate(now) / n if n else math.inf
 
     def stretch(self, group: ExpertGroup, now: float) -> float:
         """R / S for a call to the group now (see the module docstring)."""
@@ -138,16 +168,14 @@ class ExpertsStage:
         calls = self.model.layers * steps
         for g, (pairs, ms) in zip(self.groups, self.calls(tokens)):
             if pairs > 0:
-                g.routed.add(now, pairs * calls)
-                g.work.add(now, ms * calls / 1000.0)
-                g.calls.add(now, calls)
+                g.add(now, pairs * calls, ms * calls / 1000.0, calls)
 
     def view(self, stage: str, now: float, pending: int, gateway: LoadReport) -> tuple[StageSignals, bool]:
         """The group's signals and activity, as the real scaler reads them from the store."""
         g = self.by_stage[stage]
         ready = self.ready[stage]
         n = len(ready)
-        routed, calls, work = g.routed.rate(now), g.calls.rate(now), g.work.rate(now)
+        routed, calls, work = g.rates(now)
         # Little's law: in flight = arrival rate x time in the server (mean device time, stretched).
         response = (work / calls) * self.stretch(g, now) if calls > 0 else 0.0
         reports = [LoadReport(worker_id=f"{stage}-{pod.pod_id}", stage=stage, address="", host_id="", model="",
