@@ -9,6 +9,7 @@ writes JSON with the machine, device and commit.
 
     python bench/sim_speed.py                        # goal: <= 60 s per run on the 2-core box
     python bench/sim_speed.py --runs elastic_tuned --repeat 3
+    python bench/sim_speed.py --moe 8,2,4,1.2          # with an MoE experts stage (4 groups, Zipf 1.2)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.meta import commit, machine  # noqa: E402
 from services.experiment.baselines import demand, sim_config  # noqa: E402
-from services.experiment.config import load  # noqa: E402
+from services.experiment.config import MoeSection, load  # noqa: E402
 from services.experiment.workload import build  # noqa: E402
 from services.sim.profile import load_profile  # noqa: E402
 from services.sim.simulator import simulate  # noqa: E402
@@ -37,8 +38,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--multiplier", type=float, default=17.5, help="requests x the trace (0: the config's)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--moe", default="", help="experts,top_k,groups,skew: turn the experts stage on, e.g. 8,2,4,1.2")
+    ap.add_argument("--gpus", type=int, default=0, help="cluster size (0: the config's)")
     args = ap.parse_args()
     cfg = load(args.config)
+    if args.gpus:
+        cfg = replace(cfg, sim=replace(cfg.sim, gpus=args.gpus))
+    if args.moe:
+        experts, top_k, groups, skew = args.moe.split(",")
+        cfg = replace(cfg, moe=MoeSection(int(experts), int(top_k), int(groups), float(skew)))
     if args.multiplier:
         cfg = replace(cfg, workload=replace(cfg.workload, rate_multiplier=args.multiplier))
     started = time.perf_counter()
@@ -60,7 +68,8 @@ def main() -> None:
                          "wall_s": wall, "cpu_s": cpu, "events_per_s": data.stats["events"] / wall,
                          "peak_pods": data.stats["peak_pods"], "mean_gpus": data.share_seconds / data.duration_s,
                          "simulated_s": data.duration_s})
-    result = {"machine": machine(), "device": "cpu", "commit": commit(), "config": args.config,
+    result = {"machine": machine(), "device": "cpu", "commit": commit(), "config": args.config, "moe": args.moe,
+              "gpus": cfg.sim.gpus,
               "workload_build_s": build_s, "rows": rows}
     print(f"\n{len(requests)} requests ({cfg.workload.rate_multiplier}x the Azure conversation trace), "
           f"built in {build_s:.1f} s; commit {result['commit']}")
@@ -70,7 +79,7 @@ def main() -> None:
               f"{r['peak_pods']:>10} {r['mean_gpus']:>10.1f} {r['simulated_s']:>8.0f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sim_speed-{result['commit']}.json"
+    path = out / f"sim_speed-{result['commit']}{'-moe' if args.moe else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -19,6 +19,13 @@
 
 "default" is an untuned deployment: one whole GPU per pod and the profile's batch limits.
 Every scaled run may grow a stage to twice its peak-sized count (MAX_OVER_PEAK), within the cluster.
+
+MoE (the config's `moe:` block): every expert group (stage experts/<group>) is one more stage of
+the run, sized and scaled as the table says, on its routed pairs/s: the workload's prompt + output
+tokens/s x top_k x MoE layers x the group's share of the pairs. Its plan ("experts" rows: the
+expert micro-batch and share) is tuned in the tuned runs; its policy has no latency SLO, as the
+experts ScaledObject in k8s/base, and only prefill and decode take their control from
+`sim.scaledobjects`.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from bench.workloads import Request
 from services.autoscaler.hpa import DEFAULT_SCALE_UP, HPABehavior, HPAScalingPolicy, HPAScalingRules
 from services.scaler.signals import StagePolicyConfig, StepLimit
 from services.sim.control import StageControl
+from services.sim.moe import MoeSpec
 from services.sim.profile import Profile
 from services.sim.simulator import STAGES, SimConfig
 from services.sim.tuning import StagePlan, Workload, build_table, default_plan, plan_stage
@@ -64,7 +72,7 @@ def demand(requests: list[Request]) -> Demand:
     output = np.array([r.output_tokens for r in requests], dtype=float)
     seconds = np.floor(arrival).astype(int)
     span = max(float(arrival.max() - arrival.min()), PEAK_WINDOW_S)
-    by = {"prefill": prompt, "decode": output}
+    by = {"prefill": prompt, "decode": output, "tokens": prompt + output}  # tokens: what MoE layers route
     mean = {s: float(v.sum() / span) for s, v in by.items()}
     w = int(PEAK_WINDOW_S)
     sliding = {}
@@ -125,31 +133,55 @@ def _from_scaledobjects(folder: str, stage: str, start: int) -> StageControl:
                         behavior=so.behavior, tolerance=so.tolerance)
 
 
+def moe_spec(cfg: ExperimentConfig) -> MoeSpec | None:
+    m = cfg.moe
+    return MoeSpec(m.experts, m.top_k, m.groups, m.skew) if m.on else None
+
+
+def _group_demand(need: Demand, spec: MoeSpec, layers: int) -> tuple[dict[str, float], ...]:
+    """(mean, peak, start) routed pairs/s per expert group."""
+    per_token = {stage: spec.top_k * layers * share for stage, share in spec.group_shares().items()}
+    return tuple({stage: figures["tokens"] * k for stage, k in per_token.items()}
+                 for figures in (need.mean, need.peak, need.start))
+
+
 def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) -> SimConfig:
     """The simulator set-up of one run (see the module docstring)."""
     work = need.workload
-    table = build_table(profile, work)
+    spec = moe_spec(cfg)
+    table = build_table(profile, work, moe=spec)
     slo_ms = {"prefill": cfg.slo_ttft_s * 1000 * cfg.sim.prefill_slo_fraction, "decode": cfg.slo_tpot_s * 1000}
     tuned = run in TUNED
     plans: dict[str, StagePlan] = {
-        s: plan_stage(table, profile, s, slo_ms[s]) if tuned else default_plan(profile, work, s) for s in STAGES
+        s: plan_stage(table, profile, s, slo_ms[s]) if tuned else default_plan(profile, work, s, spec) for s in STAGES
     }
+    stages, mean, peak, start_load = STAGES, need.mean, need.peak, need.start
+    if spec is not None:
+        layers = profile.experts_model().layers
+        # One expert micro-batch may hold the device for the step's experts budget over its layers.
+        slo_ms["experts"] = cfg.slo_tpot_s * 1000 * cfg.moe.slo_fraction / layers
+        plans["experts"] = (plan_stage(table, profile, "experts", slo_ms["experts"]) if tuned
+                            else default_plan(profile, work, "experts", spec))
+        stages = STAGES + spec.stages()
+        group_mean, group_peak, group_start = _group_demand(need, spec, layers)
+        mean, peak, start_load = {**mean, **group_mean}, {**peak, **group_peak}, {**need.start, **group_start}
     util = cfg.sim.target_utilization
     controls = {}
-    for stage in STAGES:
-        plan = plans[stage]
+    for stage in stages:
+        kind = stage.split("/")[0]  # the table's stage: every expert group runs the "experts" plan
+        plan = plans[kind]
         fits = max(int(cfg.sim.gpus / plan.share + 1e-9), 1)
-        at_peak = min(max(math.ceil(need.peak[stage] / (plan.tokens_per_s * util)), 1), fits)
+        at_peak = min(max(math.ceil(peak[stage] / (plan.tokens_per_s * util)), 1), fits)
         # maxReplicaCount as an operator sets it from capacity planning: twice the peak-sized count,
         # so one stage cannot take the GPUs the other stage needs (the cluster is shared).
         most = min(MAX_OVER_PEAK * at_peak, fits)
-        sized = {"static_peak": need.peak, "static_peak_tuned": need.peak, "static_mean": need.mean}.get(run)
+        sized = {"static_peak": peak, "static_peak_tuned": peak, "static_mean": mean}.get(run)
         if sized is not None:
             count = min(max(math.ceil(sized[stage] / (plan.tokens_per_s * util)), 1), fits)
             controls[stage] = StageControl("static", replicas=count, min_replicas=count, max_replicas=count)
             continue
-        start = min(max(math.ceil(need.start[stage] / (plan.tokens_per_s * util)), 1), most)
-        if run == "elastic" and cfg.sim.scaledobjects:
+        start = min(max(math.ceil(start_load[stage] / (plan.tokens_per_s * util)), 1), most)
+        if run == "elastic" and cfg.sim.scaledobjects and stage in STAGES:
             controls[stage] = _from_scaledobjects(cfg.sim.scaledobjects, stage, 1)
             continue
         if run == "keda_threshold":
@@ -157,7 +189,7 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
                                            behavior=HPABehavior(), tolerance=cfg.hpa.tolerance)
             continue
         if tuned:
-            def capacity(share: float, stage: str = stage, plan: StagePlan = plan) -> float:
+            def capacity(share: float, stage: str = kind, plan: StagePlan = plan) -> float:
                 found = table.capacity_tokens_per_s(profile.name, stage, profile.device, share, slo_ms[stage])
                 return found or plan.tokens_per_s
         else:
@@ -170,4 +202,5 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
         profile=profile, controls=controls, plans=plans, gpus=cfg.sim.gpus, interval_s=cfg.sim.interval_s,
         window_s=cfg.sim.window_s, slo_ttft_s=cfg.slo_ttft_s, drain_limit_s=cfg.sim.drain_limit_s,
         table=table if tuned and run != "static_peak_tuned" else None, retune_slo_ms=slo_ms, seed=cfg.seed,
+        moe=spec,
     )

@@ -33,6 +33,12 @@
                                   # say (trigger metadata -> policy, behavior -> HPA), as real mode
       shared_host: true           # false: drop the profile's shared host (stack.host_cores): each pod
                                   # gets its own device share, e.g. the tiny CPU profile as a cluster
+    moe:                          # sim only: an MoE model's experts stage (services/sim/moe.py); off by default
+      experts: 0                  # experts per MoE layer (0: a dense model, no experts stage)
+      top_k: 2                    # experts per token
+      groups: 4                   # expert groups (stages experts/g0 ...), each scaled on its own
+      skew: 0.0                   # Zipf exponent of expert popularity (expert 0 hottest; 0: uniform)
+      slo_fraction: 0.5           # the share of the TPOT SLO a step may spend on its experts calls
     policy: {}                    # StagePolicyConfig overrides for elastune runs (field: value)
     hpa:                          # the ScaledObject's HPA behaviour in sim runs
       tolerance: 0.1
@@ -97,6 +103,19 @@ class SimSection:
 
 
 @dataclass(frozen=True)
+class MoeSection:
+    experts: int = 0
+    top_k: int = 2
+    groups: int = 4
+    skew: float = 0.0
+    slo_fraction: float = 0.5
+
+    @property
+    def on(self) -> bool:
+        return self.experts > 0
+
+
+@dataclass(frozen=True)
 class HpaSection:
     tolerance: float = 0.1
     scale_down_window_s: int = 30
@@ -128,6 +147,7 @@ class ExperimentConfig:
     hpa: HpaSection = HpaSection()
     real: RealSection = RealSection()
     source: str = ""
+    moe: MoeSection = MoeSection()
 
 
 def _section(cls, node: Any, path: str):
@@ -196,11 +216,24 @@ def parse(doc: Any, source: str = "<config>") -> ExperimentConfig:
     real = _section(RealSection, doc.get("real"), "real")
     if real.api not in ("http", "grpc"):
         raise ConfigError(f"{source}: real.api must be http or grpc, got {real.api!r}")
+    moe = _section(MoeSection, doc.get("moe"), "moe")
+    if moe.on:
+        from services.sim.moe import MoeSpec
+
+        try:
+            MoeSpec(moe.experts, moe.top_k, moe.groups, moe.skew)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        if not 0 < moe.slo_fraction <= 1:
+            raise ConfigError(f"{source}: moe.slo_fraction must be in (0, 1], got {moe.slo_fraction}")
+        if mode != "sim":
+            raise ConfigError(f"{source}: moe is simulated only (mode: sim); the real stack's MoE runs are "
+                              "not part of `experiment run` yet")
     return ExperimentConfig(
         name=name, runs=tuple(runs), seed=int(doc.get("seed", 0)), mode=mode, workload=workload,
         slo_ttft_s=ttft, slo_tpot_s=tpot, sim=sim, policy=dict(policy),
         hpa=_section(HpaSection, doc.get("hpa"), "hpa"), real=real,
-        source=source,
+        source=source, moe=moe,
     )
 
 

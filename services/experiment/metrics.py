@@ -174,6 +174,7 @@ def summarize(data: RunData, slo: Slo, stages: tuple[str, ...] = ("prefill", "de
         count, times = reversals(data, stage)
         row = out["stages"].setdefault(stage, {})
         row.update(stage_replicas(data, stage))
+        row["gpu_seconds"] = data.share_seconds_by_stage.get(stage)  # None: a run recorded without the split
         row["scale_events"] = sum(1 for c in data.changes if c.stage == stage)
         row["reversals"] = count
         row["reversals_per_10min"] = count / tens

@@ -68,6 +68,19 @@ def _stage_table(summaries: dict[str, dict]) -> list[str]:
     return lines
 
 
+def by_stage(summaries: dict[str, dict], stages: tuple[str, ...]) -> list[str]:
+    """Per run and stage: mean (max) replicas and GPU-seconds, expert groups beside prefill and decode."""
+    head = ["run"] + [f"{stage} replicas mean (max) / GPU-s" for stage in stages]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for run, s in summaries.items():
+        row = [run]
+        for stage in stages:
+            st = s["stages"].get(stage, {})
+            row.append(f"{_f(st.get('mean_replicas'), 2)} ({_f(st.get('max_replicas'))}) / {_f(st.get('gpu_seconds'), 0)}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def goals(summaries: dict[str, dict], stages: tuple[str, ...]) -> list[str]:
     s = summaries.get(CANDIDATE)
     if s is None:
@@ -132,12 +145,18 @@ def render(meta: dict, summaries: dict[str, dict], figures: list[str]) -> str:
         lines.append(f"- profile: `{p['name']}` on {p['device']} -- {p['source']}")
     if meta.get("cluster"):
         lines.append(f"- cluster: {meta['cluster']}")
+    if meta.get("moe"):
+        m = meta["moe"]
+        lines.append(f"- MoE: {m['experts']} experts, top-{m['top_k']}, {m['layers']} MoE layers, {m['groups']} groups, "
+                     f"Zipf skew {m['skew']}; share of routed pairs per group {m['pair_share']}; "
+                     f"experts service time: {m['experts_model']}")
     if meta.get("plans"):
         lines.append("- per-run share and config: " + "; ".join(f"{r}: {v}" for r, v in meta["plans"].items()))
     lines += ["", "## Runs", "", *_run_table(summaries, stages), "",
               "GPU-s: seconds x GPU share of every pod while placed (cold starts and draining included). "
               "Goodput: requests/s meeting the SLO per mean allocated GPU.", "",
-              "## Per stage", "", *_stage_table(summaries), "", "## Goals", "", *goals(summaries, stages), "",
+              "## Per stage", "", *_stage_table(summaries), "",
+              "## Replicas and GPU-seconds by stage", "", *by_stage(summaries, stages), "", "## Goals", "", *goals(summaries, stages), "",
               "## Scale changes against load", "",
               "Load: the stage's arrival rate (prompt tokens/s for prefill, output tokens/s for decode) "
               "averaged over the minute before each change, and as a multiple of the run's mean.", "",

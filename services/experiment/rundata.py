@@ -5,7 +5,7 @@
     itl.csv.gz       weighted inter-token gap samples: seconds, weight
     timeline.csv     one row per stage per poll (StageSample fields)
     changes.csv      scale changes: time, stage, from, to
-    run.json         duration_s, share_seconds, gpu_seconds_occupied, stats
+    run.json         duration_s, share_seconds, gpu_seconds_occupied, share_seconds_by_stage, stats
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def save(data: RunData, folder: str | Path) -> None:
         w.writerow(("time", "stage", "from", "to"))
         w.writerows((c.time, c.stage, c.from_replicas, c.to_replicas) for c in data.changes)
     meta = {"duration_s": data.duration_s, "share_seconds": data.share_seconds,
-            "gpu_seconds_occupied": data.gpu_seconds_occupied, "stats": data.stats}
+            "gpu_seconds_occupied": data.gpu_seconds_occupied,
+            "share_seconds_by_stage": data.share_seconds_by_stage, "stats": data.stats}
     (folder / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -84,4 +85,5 @@ def load(folder: str | Path) -> RunData:
     meta = json.loads((folder / "run.json").read_text())
     data.duration_s, data.share_seconds = meta["duration_s"], meta["share_seconds"]
     data.gpu_seconds_occupied, data.stats = meta["gpu_seconds_occupied"], meta.get("stats", {})
+    data.share_seconds_by_stage = meta.get("share_seconds_by_stage", {})
     return data

@@ -23,7 +23,7 @@ from bench import workloads
 from bench.meta import commit, machine
 
 from . import plots, report, rundata
-from .baselines import demand, sim_config
+from .baselines import demand, moe_spec, sim_config
 from .config import ExperimentConfig, load
 from .metrics import Slo, summarize
 from .workload import build, default_trace, load_steps
@@ -75,6 +75,13 @@ def run_experiment(config_path: str | Path, out: str | Path = DEFAULT_OUT,
                            "path": cfg.sim.profile}
         meta["cluster"] = f"{cfg.sim.gpus} GPUs, polling every {cfg.sim.interval_s} s"
         meta["sim_wall_s"] = {}
+        spec = moe_spec(cfg)
+        if spec is not None:
+            experts = profile.experts_model()
+            meta["stages"] += list(spec.stages())
+            meta["moe"] = {"experts": spec.experts, "top_k": spec.top_k, "groups": spec.groups, "skew": spec.skew,
+                           "layers": experts.layers, "experts_model": experts.source or "from the profile",
+                           "pair_share": {s: round(f, 4) for s, f in spec.group_shares().items()}}
     for run in cfg.runs:
         started = time.perf_counter()
         if cfg.mode == "sim":
@@ -86,7 +93,7 @@ def run_experiment(config_path: str | Path, out: str | Path = DEFAULT_OUT,
             from .real import run_real
 
             data = run_real(cfg, run, requests, folder / "runs" / run, echo)
-        summary = summarize(data, slo, load_steps=meta["load_steps"] or None)
+        summary = summarize(data, slo, stages=tuple(meta["stages"]), load_steps=meta["load_steps"] or None)
         rundata.save(data, folder / "runs" / run)
         (folder / "runs" / run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         echo(f"  {run:<18} SLO met {summary['slo_attainment'] * 100:6.2f}%  GPU-s {summary['gpu_seconds']:10.0f}  "
@@ -107,7 +114,8 @@ def write_report(folder: str | Path) -> Path:
         if not (folder / "runs" / run).is_dir():
             continue
         data = rundata.load(folder / "runs" / run)
-        summaries[run] = summarize(data, slo, load_steps=meta.get("load_steps") or None)
+        summaries[run] = summarize(data, slo, stages=tuple(meta.get("stages", ("prefill", "decode"))),
+                                   load_steps=meta.get("load_steps") or None)
         drawn[run] = plots.series(data, slo)
         del data
     (folder / "summary.json").write_text(json.dumps({"meta": meta, "runs": summaries}, indent=2) + "\n")

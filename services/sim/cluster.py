@@ -4,7 +4,8 @@ A pod asks for a fraction of one GPU (its share: MPS active threads or a MIG sli
 placed best-fit (on the GPU with the least room that still fits it, so small pods fill partly
 used GPUs before opening empty ones); with no room anywhere it stays unplaced (Pending) until a
 pod leaves. Two figures are integrated over time: allocated share (GPU-seconds in the sense of
-replica-seconds x share) and occupied GPUs (a GPU with any pod on it counts whole).
+replica-seconds x share) and occupied GPUs (a GPU with any pod on it counts whole); the allocated
+share is also integrated per stage (where the GPU-seconds go).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Cluster:
     unplaced: list[Pod] = field(default_factory=list)  # FIFO of pods waiting for room
     share_seconds: float = 0.0
     gpu_seconds_occupied: float = 0.0
+    share_seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    _stage_share: dict[str, float] = field(default_factory=dict)  # placed share per stage now
     _last: float = 0.0
 
     def __post_init__(self) -> None:
@@ -38,6 +41,9 @@ class Cluster:
         if dt > 0:
             self.share_seconds += dt * (self.gpus - sum(self.free))
             self.gpu_seconds_occupied += dt * sum(1 for n in self.pods_on if n)
+            by = self.share_seconds_by_stage
+            for stage, share in self._stage_share.items():
+                by[stage] = by.get(stage, 0.0) + dt * share
             self._last = now
 
     def allocated(self) -> float:
@@ -56,6 +62,7 @@ class Cluster:
         _, gpu = min(fits)
         self.free[gpu] -= pod.share
         self.pods_on[gpu] += 1
+        self._stage_share[pod.stage] = self._stage_share.get(pod.stage, 0.0) + pod.share
         pod.gpu = gpu
         return True
 
@@ -68,6 +75,7 @@ class Cluster:
             return []
         self.free[pod.gpu] = min(self.free[pod.gpu] + pod.share, 1.0)
         self.pods_on[pod.gpu] -= 1
+        self._stage_share[pod.stage] -= pod.share
         pod.gpu = None
         placed = [p for p in list(self.unplaced) if self.place(p, now)]
         self.unplaced = [p for p in self.unplaced if p.gpu is None]

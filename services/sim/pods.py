@@ -3,7 +3,8 @@
 Both are passive: the simulator calls them at event times and reads back when they next need
 an event (`next_event`). A decode pod advances in segments: while its batch does not change,
 every step takes the same time, so many steps are settled in one event (the next finish, or the
-step boundary at which waiting sequences join), not one event per token.
+step boundary at which waiting sequences join), not one event per token. An expert-group pod
+(MoE) is a plain Pod: its load and latency live with its group (services/sim/moe.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .profile import DecodeModel, PrefillModel
@@ -50,9 +52,11 @@ class PrefillPod(Pod):
     def idle(self) -> bool:
         return not self.running and not self.queue
 
-    def start_batch(self, now: float, prompt: list[int], slow: float = 1.0) -> float | None:
+    def start_batch(self, now: float, prompt: list[int], slow: float = 1.0,
+                    experts: Callable[[int], float] | None = None) -> float | None:
         """Take a micro-batch off the queue if idle; returns when it ends (None: nothing to do).
-        `slow` stretches the batch (CPU contention on a shared host)."""
+        `slow` stretches the batch (CPU contention on a shared host); `experts` (MoE) gives the
+        seconds the batch's tokens wait on the expert groups."""
         if self.running or not self.queue:
             return None
         tokens = tokens_sq = 0
@@ -66,6 +70,8 @@ class PrefillPod(Pod):
             tokens_sq += length * length
         self.queued_tokens -= tokens
         self.busy_until = now + self.model.batch_ms(tokens, tokens_sq, len(self.running), self.share) * slow / 1000.0
+        if experts is not None:
+            self.busy_until += experts(tokens)
         return self.busy_until
 
     def finish_batch(self) -> list[int]:
@@ -144,9 +150,12 @@ class DecodePod(Pod):
     def leave(self, prompt_tokens: int, join_step: int) -> None:
         self.ctx_const -= prompt_tokens + 1 - join_step
 
-    def retime(self, slow: float = 1.0) -> None:
-        """Set the segment's step time for the current batch; `slow` stretches it (host contention)."""
+    def retime(self, slow: float = 1.0, experts_s: float = 0.0) -> None:
+        """Set the segment's step time for the current batch; `slow` stretches it (host contention),
+        `experts_s` is what each step waits on the expert groups (MoE: on other devices, not stretched)."""
         if self.finishing:
             if self._step is None:
                 self._step = self.model.stepper(self.share)
             self.dt = self._step(len(self.finishing), self.ctx_const + len(self.finishing) * self.steps) * slow / 1000.0
+            if experts_s:
+                self.dt += experts_s

@@ -18,7 +18,13 @@ Profile JSON (one object; times in ms, shares in (0, 1]):
         "shared_bandwidth": true            # co-located pods split bandwidth: fraction = min(curve, share)
       },
       "kv_transfer_ms_per_token": float,  # prefill -> decode KV hand-off
-      "cold_start_s": {"prefill": s, "decode": s},    # scheduled -> serving
+      "cold_start_s": {"prefill": s, "decode": s, "experts": s},    # scheduled -> serving
+      "experts": {                        # optional (MoE models): one expert group's FFNs, per MoE layer call
+        "source",                         # measured (elastune profile --stages experts) or derived
+        "overhead_ms", "piece_ms", "ms_per_pair",
+        "layers",                         # MoE layers: a decode step or a prefill makes one call per layer
+        "max_batch_size"                  # the default expert micro-batch, in routed (token, expert) pairs
+      },
       "stack": {                          # optional: what the serving stack adds on its host (all default 0)
         "request_overhead_ms",            # per request, on the way to its first token, beyond the model's
                                           # prefill and the KV hand-off: gateway, gRPC hops, admission
@@ -39,6 +45,10 @@ Decode step of B sequences holding C context tokens in all, at share s (a roofli
     gives) it is capped at s, since the pods packed beside it use the rest of the memory bandwidth.
     step = overhead + (memory + compute  if combine == "sum"  else  max(memory, compute))
 KV capacity and the batch limit scale with the share (MIG-like partitioning of memory).
+An expert group's call of P routed pairs at share s, cut into micro-batches of m pairs
+(services/experts/micro_batch.py: every piece pays each expert's pass again):
+    overhead + (ceil(P / m) * piece_ms + ms_per_pair * P) / s
+Without an experts block the model is derived from the decode model (ExpertsModel.derived).
 
 Host sharing (stack.host_cores > 0: the local stack, where gateway, workers and load client share
 a few cores): the host is processor-shared. Its CPU demand is the shares of the pods busy at that
@@ -53,6 +63,7 @@ one) has no overheads and no sharing.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +131,39 @@ class DecodeModel:
 
 
 @dataclass(frozen=True)
+class ExpertsModel:
+    """One expert group's answer to one MoE-layer call (see the module docstring)."""
+
+    piece_ms: float
+    ms_per_pair: float
+    overhead_ms: float = 0.0
+    layers: int = 1
+    max_batch_size: int = 256
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.piece_ms < 0 or self.ms_per_pair < 0 or self.overhead_ms < 0:
+            raise ValueError("experts piece_ms, ms_per_pair and overhead_ms must be >= 0")
+        if self.layers < 1 or self.max_batch_size < 1:
+            raise ValueError(f"experts.layers and experts.max_batch_size must be >= 1, got {self.layers}, "
+                             f"{self.max_batch_size}")
+
+    def call_ms(self, pairs: float, share: float, micro_batch: int) -> float:
+        """Device time of one call of `pairs` routed pairs (0 for none: no call is made)."""
+        if pairs <= 0:
+            return 0.0
+        return self.overhead_ms + (math.ceil(pairs / micro_batch) * self.piece_ms + self.ms_per_pair * pairs) / share
+
+    @classmethod
+    def derived(cls, decode: "DecodeModel") -> "ExpertsModel":
+        """A default for a profile without measured experts rows: one call stands for every MoE
+        layer of a step (layers 1); a piece reads the group's expert weights, taken as half of
+        the dense step's weight read, and a routed pair costs what one sequence adds to a step."""
+        return cls(piece_ms=decode.weight_ms / 2, ms_per_pair=decode.compute_ms_per_seq, layers=1,
+                   source="derived from the decode model (weight_ms / 2 per piece, compute_ms_per_seq per pair)")
+
+
+@dataclass(frozen=True)
 class StackModel:
     """What the serving stack adds around the model on its host (see the module docstring)."""
 
@@ -164,6 +208,10 @@ class Profile:
     kv_transfer_ms_per_token: float = 0.0
     cold_start_s: dict[str, float] = field(default_factory=lambda: {"prefill": 30.0, "decode": 30.0})
     stack: StackModel = field(default_factory=StackModel)
+    experts: ExpertsModel | None = None  # MoE: measured; None: derived when a run routes to experts
+
+    def experts_model(self) -> ExpertsModel:
+        return self.experts if self.experts is not None else ExpertsModel.derived(self.decode)
 
     def cold_start(self, stage: str) -> float:
         return float(self.cold_start_s.get(stage, 0.0))
@@ -193,6 +241,7 @@ def profile_from_dict(data: dict[str, Any]) -> Profile:
             kv_transfer_ms_per_token=float(data.get("kv_transfer_ms_per_token", 0.0)),
             cold_start_s={str(k): float(v) for k, v in data.get("cold_start_s", {}).items()},
             stack=_stack(data.get("stack", {})),
+            experts=_experts(data["experts"]) if "experts" in data else None,
         )
     except KeyError as exc:
         raise ValueError(f"profile {data.get('name', '?')!r} lacks {exc.args[0]!r}") from exc
@@ -203,6 +252,12 @@ def _stack(data: dict[str, Any]) -> StackModel:
     names = ("request_overhead_ms", "step_overhead_ms", "host_cores", "background_cores",
              "cpu_ms_per_request", "cpu_ms_per_token", "starting_cpu")
     return StackModel(**{name: float(data[name]) for name in names if name in data})
+
+
+def _experts(data: dict[str, Any]) -> ExpertsModel:
+    return ExpertsModel(piece_ms=float(data["piece_ms"]), ms_per_pair=float(data["ms_per_pair"]),
+                        overhead_ms=float(data.get("overhead_ms", 0.0)), layers=int(data.get("layers", 1)),
+                        max_batch_size=int(data.get("max_batch_size", 256)), source=str(data.get("source", "")))
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -55,6 +55,7 @@ class RunData:
     duration_s: float = 0.0  # the span the GPU figures cover
     share_seconds: float = 0.0  # sum over pods of share x seconds placed (GPU-seconds)
     gpu_seconds_occupied: float = 0.0  # whole GPUs with at least one pod, x seconds
+    share_seconds_by_stage: dict[str, float] = field(default_factory=dict)  # share_seconds split by stage
     stats: dict = field(default_factory=dict)  # simulator counters (events, wall time, ...)
 
     def __len__(self) -> int:

@@ -13,6 +13,10 @@ adds a per-request delay before the first token and a per-step overhead, and wit
 
 Every `interval_s` each stage's controller (services/sim/control.py) sees StageSignals built from
 the simulated load reports and sets the stage's replicas.
+
+MoE (SimConfig.moe): every decode step and prefill micro-batch also waits on its expert groups,
+and each group (stage `experts/<group>`, plan "experts") is scaled like the other stages on its
+routed pairs/s (services/sim/moe.py). Expert pods hold no requests: on scale-down they go at once.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from services.common.load_report import LoadReport
 from services.scaler.signals import StageSignals
 
 from .cluster import Cluster
 from .control import StageControl, StageController
+from .moe import ExpertsStage, MoeSpec
 from .pods import DRAINING, GONE, READY, STARTING, DecodePod, Pod, PrefillPod
 from .profile import Profile
 from .result import RunData, ScaleChange, StageSample
@@ -52,6 +58,7 @@ class SimConfig:
     table: TuningTable | None = None  # with it, pods re-pick their config every interval
     retune_slo_ms: dict[str, float] | None = None
     seed: int = 0
+    moe: MoeSpec | None = None  # with it: controls for every experts/<group> stage, plans["experts"]
 
 
 class Simulator:
@@ -71,9 +78,17 @@ class Simulator:
         self.cluster = Cluster(config.gpus)
         self.heap: list = []
         self.seq = 0
-        self.pods: dict[str, list[Pod]] = {s: [] for s in STAGES}
-        self.accepting: dict[str, list[Pod]] = {s: [] for s in STAGES}
-        self.controllers = {s: StageController(config.controls[s]) for s in STAGES}
+        self.stages = STAGES + (config.moe.stages() if config.moe else ())
+        self.pods: dict[str, list[Pod]] = {s: [] for s in self.stages}
+        self.accepting: dict[str, list[Pod]] = {s: [] for s in self.stages}
+        self.controllers = {s: StageController(config.controls[s]) for s in self.stages}
+        self.experts: ExpertsStage | None = None
+        if config.moe:
+            plan = config.plans["experts"]
+            model = config.profile.experts_model()
+            self.experts = ExpertsStage(config.moe, model, plan.share,
+                                        plan.config.get("max_batch_size", model.max_batch_size),
+                                        config.window_s, self.accepting)
         self.waiting: deque[int] = deque()  # at the gateway: no decode room yet
         self.prefill_wait: deque[int] = deque()  # admitted, no prefill pod yet
         self.waiting_prompt = 0  # prompt tokens of requests whose prefill has not started
@@ -96,7 +111,7 @@ class Simulator:
 
     def run(self) -> RunData:
         wall = time.perf_counter()
-        for stage in STAGES:
+        for stage in self.stages:
             for _ in range(self.c.controls[stage].replicas):
                 self._add_pod(stage, 0.0, warm=True)
         self._push(0.0, _CONTROL, None)
@@ -200,16 +215,28 @@ class Simulator:
 
     def _start_prefill(self, pod: PrefillPod, now: float) -> None:
         slow = self._slowdown(pod, now) if self.shared_host and pod.queue and not pod.running else 1.0
-        end = pod.start_batch(now, self.prompt, slow)
+        if self.experts is None:
+            end = pod.start_batch(now, self.prompt, slow)
+        else:
+            end = pod.start_batch(now, self.prompt, slow, lambda tokens: self._experts_wait(tokens, now))
         if end is not None:
             for rid in pod.running:
                 self.started[rid] = now
                 self.waiting_prompt -= self.prompt[rid]
             self._push(end, _PREFILL_DONE, pod)
 
+    def _experts_wait(self, tokens: int, now: float) -> float:
+        """A prefill micro-batch's wait on the expert groups; its routed pairs reach them now."""
+        self.experts.callers += 1  # until the batch is done
+        wait = self.experts.delay_s(tokens, now)
+        self.experts.account(tokens, 1, now)
+        return wait
+
     def _on_prefill_done(self, pod: PrefillPod, now: float) -> None:
         per_token, extra = self.c.profile.kv_transfer_ms_per_token / 1000.0, self.request_overhead_s
         done = pod.finish_batch()
+        if self.experts is not None and done:
+            self.experts.callers -= 1
         if self.shared_host and done:  # the hand-off and the stack's hops are CPU work on the host too
             slow = self._slowdown(pod, now)
             per_token, extra = per_token * slow, extra * slow
@@ -243,6 +270,8 @@ class Simulator:
             self.data.itl_values.append(dt)
             self.data.itl_weights.append(steps * batch)
             self.tokens_out.add(now, steps * batch)
+            if self.experts is not None:
+                self.experts.account(batch, steps, now)
         for rid in pod.pop_finished():
             pod.leave(self.prompt[rid], self.join_step[rid])
             self._done(rid, pod, now)
@@ -252,7 +281,12 @@ class Simulator:
             self.join_step[rid] = pod.steps
             pod.join(rid, self.prompt[rid], self.output[rid] - 1)
             joined.append(rid)
-        pod.retime(self._slowdown(pod, now) if self.shared_host and pod.finishing else 1.0)
+        slow = self._slowdown(pod, now) if self.shared_host and pod.finishing else 1.0
+        if self.experts is None:
+            pod.retime(slow)
+        else:
+            self.experts.callers += (pod.batch > 0) - (batch > 0)  # the pod started or stopped stepping
+            pod.retime(slow, self.experts.delay_s(pod.batch, now))
         for rid in joined:  # the first decode token comes one step after joining
             self.data.itl_values.append(now + pod.dt - self.first[rid])
             self.data.itl_weights.append(1)
@@ -270,23 +304,25 @@ class Simulator:
     # ------------------------------------------------------------------ pods
 
     def _add_pod(self, stage: str, now: float, warm: bool = False) -> Pod:
-        plan, profile = self.c.plans[stage], self.c.profile
+        plan, profile = self.c.plans.get(stage), self.c.profile
         self.next_id += 1
         if stage == "prefill":
             pod: Pod = PrefillPod(self.next_id, stage, plan.share, now, model=profile.prefill,
                                   max_batch_tokens=plan.config.get("max_batch_tokens", profile.prefill.max_batch_tokens),
                                   max_batch_size=profile.prefill.max_batch_size)
-        else:
+        elif stage == "decode":
             pod = DecodePod(self.next_id, stage, plan.share, now, model=self.decode_model,
                             max_batch_size=plan.config.get("max_batch_size", profile.decode.max_batch_size),
                             kv_capacity=profile.decode.kv_capacity(plan.share))
+        else:
+            pod = Pod(self.next_id, stage, self.c.plans["experts"].share, now)
         self.pods[stage].append(pod)
         if self.cluster.place(pod, now):
             self._placed(pod, now, warm)
         return pod
 
     def _placed(self, pod: Pod, now: float, warm: bool = False) -> None:
-        pod.ready_at = now if warm else now + self.c.profile.cold_start(pod.stage)
+        pod.ready_at = now if warm else now + self.c.profile.cold_start(pod.stage.split("/")[0])
         if warm:
             self._on_ready(pod, now)
         else:
@@ -297,7 +333,7 @@ class Simulator:
         self.accepting[pod.stage].append(pod)
         if pod.stage == "decode":
             self._admit(now)
-        else:
+        elif pod.stage == "prefill":
             while self.prefill_wait:
                 self._to_prefill(self.prefill_wait.popleft(), now)
 
@@ -320,7 +356,10 @@ class Simulator:
                 continue
             pod.state = DRAINING
             self.accepting[stage].remove(pod)
-            busy = not pod.idle() if isinstance(pod, PrefillPod) else pod.admitted > 0
+            if isinstance(pod, PrefillPod):
+                busy = not pod.idle()
+            else:  # an expert pod's calls take milliseconds: callers move on at once
+                busy = isinstance(pod, DecodePod) and pod.admitted > 0
             if not busy:
                 self._remove(pod, now)
 
@@ -329,14 +368,14 @@ class Simulator:
     def _on_control(self, now: float, arrivals_left: bool) -> bool:
         if not arrivals_left and self.unfinished == 0:
             return False
-        for stage in STAGES:
+        for stage in self.stages:
             signals, active = self._signals(stage, now)
             live = [p for p in self.pods[stage] if p.state in (STARTING, READY)]
             target = self.controllers[stage].target(signals, active, len(live))
             if target != len(live):
                 self.data.changes.append(ScaleChange(now, stage, len(live), target))
                 self._scale(stage, target, now)
-            if self.c.table is not None and signals.ready_replicas:
+            if self.c.table is not None and signals.ready_replicas and stage in STAGES:
                 self._retune(stage, signals, now)
             self._sample(stage, now, target, signals)
         self._push(now + self.c.interval_s, _CONTROL, None)
@@ -367,6 +406,8 @@ class Simulator:
         common = dict(now=now, ready_replicas=len(ready), pending_replicas=pending,
                       prompt_tokens_per_s=self.prompt_in.rate(now), output_tokens_per_s=self.tokens_out.rate(now),
                       oldest_deadline_slack_s=slack, ttft_p95_s=ttft_p95, itl_p95_s=itl_p95)
+        if stage not in STAGES:  # an expert group: the real scaler's view of its and the gateway's reports
+            return self.experts.view(stage, now, pending, self._gateway_report(common))
         if stage == "prefill":
             queue_len = len(self.waiting) + len(self.prefill_wait) + sum(len(p.queue) for p in ready)
             signals = StageSignals(queued_tokens=float(self.waiting_prompt), queue_len=queue_len, **common)
@@ -379,6 +420,19 @@ class Simulator:
         active = running or signals.queue_len > 0 or signals.prompt_tokens_per_s > 0
         return signals, active
 
+    def _gateway_report(self, common: dict) -> LoadReport:
+        """What the gateway publishes: requests without a first token yet (and their prompt tokens),
+        streams, the arrival rates, the oldest deadline and the latencies it sees."""
+        queue_len = len(self.waiting) + len(self.prefill_wait) + sum(len(p.queue) for p in self.pods["prefill"])
+        ttft, itl = common["ttft_p95_s"], common["itl_p95_s"]
+        return LoadReport(worker_id="gateway", stage="gateway", address="", host_id="", model="",
+                          timestamp_unix=common["now"], queue_len=queue_len, queued_tokens=self.waiting_prompt,
+                          running_seqs=sum(p.batch for p in self.pods["decode"]),
+                          prompt_tokens_per_s=common["prompt_tokens_per_s"],
+                          output_tokens_per_s=common["output_tokens_per_s"],
+                          oldest_deadline_slack_s=common["oldest_deadline_slack_s"],
+                          ttft_ms_p95=(ttft or 0.0) * 1000.0, itl_ms_p95=(itl or 0.0) * 1000.0)
+
     def _sample(self, stage: str, now: float, target: int, signals: StageSignals) -> None:
         pods = self.pods[stage]
         count = {s: 0 for s in (STARTING, READY, DRAINING)}
@@ -388,7 +442,7 @@ class Simulator:
                 unplaced += 1
             else:
                 count[p.state] += 1
-        load = signals.prompt_tokens_per_s if stage == "prefill" else signals.output_tokens_per_s
+        load = signals.output_tokens_per_s if stage == "decode" else signals.prompt_tokens_per_s  # experts: routed
         self.data.timeline.append(StageSample(
             now, stage, count[READY], count[STARTING], unplaced, count[DRAINING], target,
             sum(p.share for p in pods if p.gpu is not None), load, signals.queue_len))
@@ -411,6 +465,7 @@ class Simulator:
         d.duration_s = now
         d.share_seconds = self.cluster.share_seconds
         d.gpu_seconds_occupied = self.cluster.gpu_seconds_occupied
+        d.share_seconds_by_stage = dict(self.cluster.share_seconds_by_stage)
         pods_at: dict[float, int] = {}
         for s in d.timeline:
             pods_at[s.time] = pods_at.get(s.time, 0) + s.ready + s.starting + s.unplaced + s.draining

@@ -6,6 +6,11 @@ for each share on a grid and each runtime config, throughput and per-token (deco
 (services/tuner: knees_by_batch, best_within_slo, choose) to pick each stage's share and config:
 per batch size the knee share, then among the (batch, knee) pairs within the SLO and within epsilon
 of the most tokens/s per GPU, the one with the lowest latency. Pure.
+
+MoE runs (a MoeSpec): the table also has "experts" rows (expert micro-batch x share, over the mix
+of decode and prefill calls the workload makes: experts_calls), and the decode and prefill rows include what a
+step or micro-batch waits on its experts when they are idle (at a whole device and the profile's
+micro-batch), as profiling the MoE model's own stages against its expert groups would measure.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from services.tuner.knee import knees_by_batch
 from services.tuner.selection import choose
 from services.tuner.table import ProfilePoint, TuningTable
 
+from .moe import MoeSpec, typical_call_pairs, unloaded_wait_ms
 from .profile import Profile
 
 SHARES = (0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9, 1.0)
 DECODE_BATCHES = (8, 16, 32, 64, 128, 256, 512)
 PREFILL_TOKENS = (512, 1024, 2048, 4096, 8192, 16384)
+EXPERTS_MICRO_BATCHES = (16, 64, 256, 1024, 4096)  # routed pairs per expert pass
 
 
 @dataclass(frozen=True)
@@ -44,31 +51,75 @@ class Workload:
         return self.mean_prompt + self.mean_output
 
 
-def _decode_point(profile: Profile, share: float, batch: int, work: Workload) -> ProfilePoint:
+def _experts_wait(profile: Profile, moe: MoeSpec | None, tokens: float) -> float:
+    if moe is None:
+        return 0.0
+    model = profile.experts_model()
+    return unloaded_wait_ms(moe, model, 1.0, model.max_batch_size, tokens)
+
+
+def _decode_point(profile: Profile, share: float, batch: int, work: Workload, moe: MoeSpec | None = None) -> ProfilePoint:
     model = profile.decode
     fits = max(int(model.kv_capacity(share) // work.kv_per_seq), 1)
     running = min(batch, fits)  # KV caps the batch the config asks for
     step_ms = model.step_ms(running, running * work.mean_context, share)
+    if moe is not None:
+        step_ms += _experts_wait(profile, moe, running)
     return ProfilePoint(profile.name, "decode", profile.device, share, {"max_batch_size": batch},
                         running / step_ms * 1000.0, step_ms, step_ms)
 
 
-def _prefill_point(profile: Profile, share: float, batch_tokens: int, work: Workload) -> ProfilePoint:
+def _prefill_point(profile: Profile, share: float, batch_tokens: int, work: Workload,
+                   moe: MoeSpec | None = None) -> ProfilePoint:
     model = profile.prefill
     length = max(work.mean_prompt, 1.0)
     n = max(int(batch_tokens // length), 1)
     ms = model.batch_ms(n * length, n * work.prompt_sq, n, share)
+    if moe is not None:
+        ms += _experts_wait(profile, moe, n * length)
     return ProfilePoint(profile.name, "prefill", profile.device, share, {"max_batch_tokens": batch_tokens},
                         n * length / ms * 1000.0, ms, ms)
 
 
-def build_table(profile: Profile, work: Workload, shares: tuple[float, ...] = SHARES) -> TuningTable:
+Calls = tuple[tuple[int, float], ...]  # (routed pairs in a call, share of all pairs that come in such calls)
+
+
+def _experts_point(profile: Profile, share: float, micro_batch: int, calls: Calls) -> ProfilePoint:
+    """What `elastune profile --stages experts` measures, for the run's mix of calls: each call cut
+    into micro-batches; throughput = routed pairs per second of device time over the mix, latency
+    one micro-batch of the largest call (the longest the device is held)."""
+    model = profile.experts_model()
+    ms_per_pair = sum(weight * model.call_ms(pairs, share, micro_batch) / pairs for pairs, weight in calls)
+    largest = max(pairs for pairs, _ in calls)
+    piece_ms = model.call_ms(min(largest, micro_batch), share, micro_batch)
+    mean_call = int(round(sum(pairs * weight for pairs, weight in calls)))
+    return ProfilePoint(profile.name, "experts", profile.device, share, {"max_batch_size": micro_batch},
+                        1000.0 / ms_per_pair, piece_ms, piece_ms, workload={"call_tokens": mean_call})
+
+
+def experts_calls(profile: Profile, moe: MoeSpec, work: Workload) -> Calls:
+    """The calls the experts rows are measured over: a full decode batch's and a full prefill
+    micro-batch's call to an average group, weighted by the pairs each kind carries (the
+    workload's output and prompt tokens: prefill calls are few but carry most pairs when prompts
+    are longer than outputs)."""
+    prompt = work.mean_prompt / max(work.mean_prompt + work.mean_output, 1e-9)
+    return ((typical_call_pairs(profile.decode.max_batch_size, moe), 1.0 - prompt),
+            (typical_call_pairs(profile.prefill.max_batch_tokens, moe), prompt))
+
+
+def build_table(profile: Profile, work: Workload, shares: tuple[float, ...] = SHARES,
+                moe: MoeSpec | None = None) -> TuningTable:
+    """The table (see the module docstring for what an MoE run adds)."""
     table = TuningTable()
+    calls = experts_calls(profile, moe, work) if moe is not None else ()
     for share in shares:
         for batch in DECODE_BATCHES:
-            table.add(_decode_point(profile, share, batch, work))
+            table.add(_decode_point(profile, share, batch, work, moe))
         for tokens in PREFILL_TOKENS:
-            table.add(_prefill_point(profile, share, tokens, work))
+            table.add(_prefill_point(profile, share, tokens, work, moe))
+        if moe is not None:
+            for micro_batch in EXPERTS_MICRO_BATCHES:
+                table.add(_experts_point(profile, share, micro_batch, calls))
     return table
 
 
@@ -91,7 +142,7 @@ def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, 
     within = [p for p in points if p.meets(slo_ms)]
     if not within:
         raise ValueError(f"{stage}: no profiled config meets the {slo_ms} ms SLO at any share")
-    key = "max_batch_size" if stage == "decode" else "max_batch_tokens"
+    key = "max_batch_tokens" if stage == "prefill" else "max_batch_size"
     # knees_by_batch groups by max_batch_size; prefill configs group by batch tokens instead.
     grouped = [ProfilePoint(p.model, p.stage, p.device, p.share, {"max_batch_size": p.config[key]},
                             p.throughput_tokens_per_s, p.latency_p50_ms, p.latency_p95_ms) for p in within]
@@ -108,12 +159,15 @@ def plan_stage(table: TuningTable, profile: Profile, stage: str, slo_ms: float, 
     return min(near, key=lambda c: c[:2])[2]
 
 
-def default_plan(profile: Profile, work: Workload, stage: str) -> StagePlan:
+def default_plan(profile: Profile, work: Workload, stage: str, moe: MoeSpec | None = None) -> StagePlan:
     """What an untuned deployment runs: a whole GPU per pod and the profile's default config."""
-    if stage == "decode":
-        p = _decode_point(profile, 1.0, profile.decode.max_batch_size, work)
+    if stage == "experts":
+        p = _experts_point(profile, 1.0, profile.experts_model().max_batch_size, experts_calls(profile, moe, work))
         return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
-    p = _prefill_point(profile, 1.0, profile.prefill.max_batch_tokens, work)
+    if stage == "decode":
+        p = _decode_point(profile, 1.0, profile.decode.max_batch_size, work, moe)
+        return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
+    p = _prefill_point(profile, 1.0, profile.prefill.max_batch_tokens, work, moe)
     return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
 
 
