@@ -40,4 +40,4 @@ class HostKvCache:
         src = torch.tensor(host_blocks, dtype=torch.long)
         dst = torch.tensor(device_blocks, dtype=torch.long, device=cache.device)
         for pool, host in zip(cache.k + cache.v, self.k + self.v):
-            pass
+            pool.index_copy_(0, dst, host.index_select(0, src).to(cache.device, non_blocking=True))
