@@ -1,12 +1,15 @@
-"""Swap preemption vs recompute: what bringing back a preempted sequence of n tokens costs.
+"""Preemption cost: swap out + swap in of a sequence's KV against recomputing it.
 
-recompute: one prefill chunk of n tokens over the paged cache (what a recomputed sequence
-runs before it decodes again); swap: its KV blocks copied to the host swap space and back
-(services/engine/host_kv_cache.py), as a swap-out and a swap-in do. On CPU both pools are RAM.
-The ratio picks DecodeConfig.swap_min_tokens: below the length where the copies stop being
-cheaper, recompute.
+For each sequence length L, on a model of a given shape with fixed-seed random weights:
+- recompute: the prefill the scheduler runs after a recompute preemption, L tokens from
+  position 0 through `forward_paged` into the sequence's blocks;
+- swap: `HostKvCache.swap_out` of the L tokens' blocks, then `swap_in` into other blocks
+  (on CPU a second pool in RAM, on GPU pinned host memory).
+The ratio is what the swap rule (`swap_min_tokens`, services/decode/scheduler.py) trades:
+below the length where recompute gets dearer than the copy, recompute. Writes JSON with
+the machine, device and commit.
 
-    python bench/swap.py --shape tiny --shape mid --tokens 16 --tokens 256
+    python bench/swap.py --shape tiny --device cpu
 """
 
 from __future__ import annotations
@@ -15,83 +18,67 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # bench/profile.py would shadow the stdlib `profile`
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # as bench/engine.py: bench/profile.py must not shadow stdlib
 
-from bench.engine import BLOCK_SIZE, SHAPES, build  # noqa: E402
+from bench.engine import SHAPES, build, timed  # noqa: E402
 from bench.meta import commit, machine  # noqa: E402
-from bench.step_profile import MID  # noqa: E402
 from services.engine.batch import SeqWork, build_batch  # noqa: E402
 from services.engine.block_manager import blocks_for_tokens  # noqa: E402
 from services.engine.host_kv_cache import HostKvCache  # noqa: E402
 from services.engine.kv_cache import PagedKvCache  # noqa: E402
 
-
-def median_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) * 1000)
-    return sorted(samples)[len(samples) // 2]
+BLOCK_SIZE = 16
 
 
-def case(model, n: int, iters: int) -> dict:
-    cfg, cpu = model.config, torch.device("cpu")
-    blocks = blocks_for_tokens(n, BLOCK_SIZE)
-    cache = PagedKvCache(cfg, 2 * blocks + 1, BLOCK_SIZE, torch.float32, cpu)
-    host = HostKvCache(cfg, blocks, BLOCK_SIZE, torch.float32, pin=False)
-    table = list(range(1, blocks + 1))
-    back = list(range(blocks + 1, 2 * blocks + 1))  # swap-in lands in other blocks, as after a preemption
-    tokens = torch.randint(5, cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-    recompute = median_ms(lambda: model.forward_paged(
-        build_batch([SeqWork(tokens, 0, table, sample=True)], BLOCK_SIZE, cpu), cache), 1, iters)
-    slots = list(range(blocks))
+def measure(model, device: torch.device, dtype: torch.dtype, length: int) -> dict:
+    cfg = model.config
+    n = blocks_for_tokens(length, BLOCK_SIZE)
+    cache = PagedKvCache(cfg, 2 * n, BLOCK_SIZE, dtype, device)  # the first n: before the swap, the last n: after
+    host = HostKvCache(cfg, n, BLOCK_SIZE, dtype, pin=device.type == "cuda")
+    tokens = torch.randint(0, cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    batch = build_batch([SeqWork(tokens, 0, list(range(n)), sample=True)], BLOCK_SIZE, device)
+    recompute = timed(lambda: model.forward_paged(batch, cache), device, warmup=1, iters=5)
+    first, second = list(range(n)), list(range(n, 2 * n))
 
-    def swap():
-        host.swap_out(cache, table, slots)
-        host.swap_in(cache, slots, back)
+    def swap() -> None:
+        host.swap_out(cache, first, list(range(n)))
+        host.swap_in(cache, list(range(n)), second)
 
-    swap_ms = median_ms(swap, 2, iters)
-    kv_bytes = cfg.kv_bytes_per_token(4) * n
-    return {"tokens": n, "kv_bytes": kv_bytes, "recompute_ms": recompute, "swap_ms": swap_ms,
-            "ratio": recompute / swap_ms}
+    ms = timed(swap, device, warmup=2, iters=10)
+    assert all(torch.equal(t[:n], t[n:]) for t in cache.k + cache.v)  # the copy is the real thing
+    kv_bytes = n * PagedKvCache.block_bytes(cfg, BLOCK_SIZE, dtype)
+    return {"tokens": length, "blocks": n, "kv_bytes": kv_bytes, "recompute_ms": recompute, "swap_ms": ms,
+            "ratio": recompute / ms, "swap_gb_s": 2 * kv_bytes / ms / 1e6}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", action="append", choices=["tiny", "mid"], help="repeatable; default both")
-    ap.add_argument("--tokens", type=int, action="append", help="repeatable; default 16, 64, 256, 1024")
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--lengths", default="16,64,256,1024,1984")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
-    torch.set_num_threads(1)  # as a decode worker on the 2-core box runs
-    SHAPES.setdefault("mid", MID)
-    rows = []
-    with torch.inference_mode():
-        for shape in args.shape or ["tiny", "mid"]:
-            model = build(shape, torch.device("cpu"), torch.float32)
-            for n in args.tokens or [16, 64, 256, 1024]:
-                rows.append({"shape": shape, **case(model, n, args.iters)})
-                print(f"{shape:<5} {n:>5} tokens: recompute {rows[-1]['recompute_ms']:8.2f} ms, "
-                      f"swap out+in {rows[-1]['swap_ms']:7.3f} ms", flush=True)
-    result = {"machine": machine(), "device": "cpu", "torch": torch.__version__, "commit": commit(),
-              "load_average": os.getloadavg(), "rows": rows}
-    print(f"\nswap out+in vs recompute, fp32, 1 thread, commit {result['commit']}, "
-          f"load average {result['load_average'][0]:.1f}")
-    print(f"{'shape':<6}{'tokens':>7}{'KV MiB':>9}{'recompute ms':>14}{'swap ms':>10}{'recompute/swap':>16}")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # as a decode worker on the 2-core box runs (ELASTUNE_THREADS=1)
+    model = build(args.shape, device, dtype)
+    rows = [measure(model, device, dtype, int(x)) for x in args.lengths.split(",")]
+    result = {"machine": machine(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "commit": commit(), "shape": args.shape, "dtype": str(dtype),
+              "block_size": BLOCK_SIZE, "load_average": os.getloadavg(), "rows": rows}
+    print(f"\n{args.shape} {dtype} on {result['device']}, commit {result['commit']}, load {result['load_average']}")
+    print(f"{'tokens':>7} {'KV MiB':>8} {'recompute ms':>13} {'swap out+in ms':>15} {'recompute/swap':>15} {'GB/s':>6}")
     for r in rows:
-        print(f"{r['shape']:<6}{r['tokens']:>7}{r['kv_bytes'] / 2**20:>9.2f}{r['recompute_ms']:>14.2f}"
-              f"{r['swap_ms']:>10.3f}{r['ratio']:>16.1f}")
+        print(f"{r['tokens']:>7} {r['kv_bytes'] / 2**20:>8.2f} {r['recompute_ms']:>13.2f} {r['swap_ms']:>15.3f} "
+              f"{r['ratio']:>15.1f} {r['swap_gb_s']:>6.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"swap-cpu-{result['commit']}.json"
+    path = out / f"swap-{args.shape}-{device.type}-{result['commit']}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 
