@@ -20,6 +20,9 @@ class DecodeConfig(WorkerConfig):
     local_prefill_threshold: int = 0  # prompts shorter than this are prefilled here, not remotely
     migrate_on_drain: bool = True  # SIGTERM / Admin.Drain: hand running sequences to peers
     adopt_timeout_s: float = 30.0  # an adopted sequence nobody resumes within this is aborted
+    swap_space_bytes: int = 0  # host memory for swapped-out KV (pinned beside a GPU); 0: preemption always recomputes
+    swap_min_tokens: int = 64  # a preempted sequence with fewer computed tokens is recomputed, not swapped
+    decode_mirror: bool = True  # CPU: keep decode rows' gathered KV across steps (faster; up to the batch's KV again in RAM)
     prefill_stall_timeout_s: float = 30.0  # a prefill call silent this long is dropped; the prompt is computed here
     # auto: CUDA IPC on the same GPU, shared memory on this host, else kv_cross_host;
     # tcp / grpc: always that path (tests, benchmarks, or hosts whose /dev/shm is not shared)
@@ -35,6 +38,9 @@ class DecodeConfig(WorkerConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_concurrency > self.kv_slots:
             raise ValueError(f"max_concurrency ({self.max_concurrency}) must be <= kv_slots ({self.kv_slots})")
+        if self.swap_space_bytes < 0 or self.swap_min_tokens < 1:
+            raise ValueError(f"swap_space_bytes must be >= 0 and swap_min_tokens >= 1, got {self.swap_space_bytes} "
+                             f"and {self.swap_min_tokens}")
         if self.kv_cache_bytes < 0 or not 0 < self.kv_gpu_fraction <= 1:
             raise ValueError("kv_cache_bytes must be >= 0 and kv_gpu_fraction in (0, 1]")
         if self.prefill_stall_timeout_s <= 0:

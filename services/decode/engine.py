@@ -22,9 +22,11 @@ import torch
 from ..common.stats import LatencyWindow, RateWindow
 from ..engine.batch import SeqWork
 from ..engine.block_manager import BlockManager, blocks_for_budget
+from ..engine.host_kv_cache import HostKvCache
 from ..engine.kv_cache import PagedKvCache, SlotPool
 from ..engine.profile import ServiceTimeModel, StepProfile, StepRecord
 from ..engine.runner import ModelRunner
+from ..engine.swap_space import SwapSpace
 from .scheduler import Scheduler, StepPlan
 from .sequence import Sequence
 
@@ -39,6 +41,7 @@ class DecodeEngine:
     def __init__(
         self, runner: ModelRunner, num_seats: int, max_batch_size: int, loop: asyncio.AbstractEventLoop | None,
         kv_budget_bytes: int, block_size: int = 16, token_budget: int = 512, chunk_size: int = 0,
+        swap_bytes: int = 0, swap_min_tokens: int = 1, mirror: bool = True,
     ):
         self.runner = runner
         self.loop = loop
@@ -49,9 +52,18 @@ class DecodeEngine:
         self.kv = BlockManager(num_blocks, block_size)
         self.cache = PagedKvCache(cfg, num_blocks, block_size, runner.dtype, runner.device)
         self.slots = SlotPool(num_seats, cfg.max_model_len)  # seats: sequences admitted at once
-        self.scheduler = Scheduler(self.kv, max_batch_size, token_budget, chunk_size)
         # a new sequence is admitted only if this many blocks stay free, so running ones can grow
         self.watermark_blocks = max(1, num_blocks // 50)
+        block_bytes = PagedKvCache.block_bytes(cfg, block_size, runner.dtype)
+        swap_blocks = blocks_for_budget(swap_bytes, block_bytes)
+        self.swap = SwapSpace(swap_blocks, block_size) if swap_blocks else None  # None: preemption recomputes
+        self.host_cache = None if self.swap is None else HostKvCache(
+            cfg, swap_blocks, block_size, runner.dtype, pin=runner.device.type == "cuda")
+        self.scheduler = Scheduler(self.kv, max_batch_size, token_budget, chunk_size, self.swap, swap_min_tokens,
+                                   swap_in_reserve=self.watermark_blocks)
+        self.mirror = mirror  # False: decode rows carry no sequence id, so the model's CPU mirror stays off
+        # reserve() (event loop) must not take a block a swap-out freed before its KV is copied out
+        self._admission = threading.Lock()
         self.max_seq_len = min(cfg.max_model_len, self.kv.capacity_tokens)
         self.on_slot_freed = lambda: None  # set by the worker; runs on the event loop
         self.step_ms = LatencyWindow()
@@ -81,11 +93,14 @@ class DecodeEngine:
 
     def reserve(self, seq: Sequence, num_tokens: int | None = None) -> bool:
         """A seat and KV blocks for seq.tokens (or its first num_tokens positions), reusing
-        cached prefix blocks; sets seq.slot and seq.num_computed. False: no room now."""
+        cached prefix blocks; sets seq.slot and seq.num_computed. False: no room now (or
+        swapped-out sequences are waiting for blocks: they come back before new admissions)."""
         seat = self.slots.allocate()
         if seat is None:
             return False
-        cached = self.kv.allocate(seq, seq.tokens, num_tokens, reserve=self.watermark_blocks)
+        with self._admission:
+            cached = None if self.scheduler.swapped else self.kv.allocate(
+                seq, seq.tokens, num_tokens, reserve=self.watermark_blocks)
         if cached is None:
             self.slots.free(seat)
             return False
@@ -129,6 +144,9 @@ class DecodeEngine:
         if self.kv.has(seq):
             self.kv.free(seq)
         self.slots.free(seq.slot)
+        self._notify_slot_freed()
+
+    def _notify_slot_freed(self) -> None:
         if self.loop is None:
             self.on_slot_freed()
         else:
@@ -136,7 +154,7 @@ class DecodeEngine:
 
     @property
     def running(self) -> int:
-        return len(self.scheduler.running) + len(self.scheduler.waiting)
+        return len(self.scheduler.running) + len(self.scheduler.waiting) + len(self.scheduler.swapped)
 
     def step_model(self) -> ServiceTimeModel | None:
         """The step-time fit over the newest steps, refreshed at most every FIT_EVERY_S while
@@ -176,7 +194,9 @@ class DecodeEngine:
 
     def step(self) -> bool:
         """One scheduling round; returns False when there was nothing to do."""
-        plan = self.scheduler.schedule()
+        with self._admission:
+            plan = self.scheduler.schedule()
+            self._swap(plan)
         self._settle(plan)
         if not plan.work:
             return bool(plan.released)
@@ -185,10 +205,24 @@ class DecodeEngine:
         self._postprocess(plan, sampled, start)
         return True
 
+    def _swap(self, plan: StepPlan) -> None:
+        """Copy swapped-out KV to the host, then swapped-in KV back (scheduler.py: all of a
+        step's swap-ins come after its swap-outs). A preempted sequence's id is dropped: the
+        model's decode mirror must not serve rows it cached before the preemption."""
+        for c in plan.swapped_out:
+            self.host_cache.swap_out(self.cache, c.device_blocks, c.host_blocks)
+        for c in plan.swapped_in:
+            if c.device_blocks:  # empty: every block was still cached on the device
+                self.host_cache.swap_in(self.cache, c.host_blocks, c.device_blocks)
+        for seq in itertools.chain(plan.preempted, (c.seq for c in plan.swapped_out)):
+            self._seq_ids.pop(seq, None)
+        if plan.swapped_in and not self.scheduler.swapped:  # admissions held back for them may go on
+            self._notify_slot_freed()
+
     def _work(self, seq: Sequence, n: int) -> SeqWork:
         done = seq.num_computed
-        seq_id = self._seq_ids.get(seq)
-        if seq_id is None:  # never reused, so the model can keep a sequence's KV rows across steps
+        seq_id = self._seq_ids.get(seq, -1)
+        if seq_id < 0 and self.mirror:  # ids are never reused, so the model can keep a sequence's KV rows across steps
             seq_id = self._seq_ids[seq] = next(self._next_seq_id)
         return SeqWork(
             seq.tokens[done : done + n], done, self.kv.block_table(seq), sample=done + n == len(seq.tokens),
@@ -230,7 +264,7 @@ class DecodeEngine:
             self.loop.call_soon_threadsafe(_resolve, waiter[1], detached)
 
     def _fail_all(self) -> None:
-        failed = list(self.scheduler.running) + list(self.scheduler.waiting)
+        failed = list(self.scheduler.running) + list(self.scheduler.waiting) + list(self.scheduler.swapped)
         self.scheduler.finish(failed)
         for seq in failed:
             self.release(seq)

@@ -26,22 +26,27 @@ class _EngineCollector(Collector):
         self.worker = worker
 
     def describe(self) -> Iterator[Metric]:
-        return iter(self._families(0, 0, 0.0))
+        return iter(self._families(0, 0, 0, 0.0))
 
     def collect(self) -> Iterator[Metric]:
         engine = self.worker.engine
-        preempted = evicted = 0
+        recomputed = swapped = evicted = 0
         fill = 0.0
         if engine is not None:
-            preempted, evicted = engine.scheduler.preemptions, engine.kv.evictions
+            s = engine.scheduler
+            recomputed, swapped, evicted = s.recomputes, s.swaps_out, engine.kv.evictions
             max_batch = max(self.worker.runtime.max_batch_size, 1)
             fill = min(engine.slots.used, max_batch) / max_batch
-        return iter(self._families(preempted, evicted, fill))
+        return iter(self._families(recomputed, swapped, evicted, fill))
 
     @staticmethod
-    def _families(preempted: int, evicted: int, fill: float) -> list[Metric]:
-        p = CounterMetricFamily("elastune_decode_preemptions", "Sequences preempted for KV space (recomputed later)")
-        p.add_metric([], preempted)
+    def _families(recomputed: int, swapped: int, evicted: int, fill: float) -> list[Metric]:
+        # one name, a mode label: sum() over it is the total that dashboards already query
+        p = CounterMetricFamily("elastune_decode_preemptions", "Sequences preempted for KV space, by mode "
+                                "(recompute: KV dropped, computed again; swap: KV copied to host memory and back)",
+                                labels=["mode"])
+        p.add_metric(["recompute"], recomputed)
+        p.add_metric(["swap"], swapped)
         e = CounterMetricFamily("elastune_decode_kv_evictions", "Cached prefix KV blocks evicted")
         e.add_metric([], evicted)
         f = GaugeMetricFamily("elastune_decode_batch_fill_ratio", "Sequences per decode step / max_batch_size")

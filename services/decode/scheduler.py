@@ -5,8 +5,16 @@ blocks it holds (through the BlockManager). The event loop adds, aborts and deta
 engine thread schedules and updates, so the arrivals hand-off is guarded by a lock.
 
 A sequence is either running (KV computed for every token but the last, which the next
-step feeds: one token per step) or waiting (tokens still to compute: a prompt prefilled
-here, or prompt + output recomputed after a preemption; fed in chunks).
+step feeds: one token per step), waiting (tokens still to compute: a prompt prefilled
+here, or prompt + output recomputed after a preemption; fed in chunks) or swapped (a
+preempted running sequence whose KV was copied to the host swap space; see swap_space.py).
+
+Preemption mode, per victim: swap when a swap space is configured, it has room for the
+victim's computed blocks, and the victim has at least `swap_min_tokens` computed tokens;
+otherwise recompute. Recomputing n tokens costs a prefill of n tokens (the whole model's
+weights and matmuls); swapping costs copying n tokens' KV out and back in, which grows
+with n far more slowly (bench/swap.py), so the long sequences swap and the short ones,
+whose recompute is one small chunk, are recomputed.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..engine.block_manager import BlockManager
+from ..engine.block_manager import BlockManager, blocks_for_tokens
+from ..engine.swap_space import SwapCopy, SwapSpace
 from .sequence import Sequence
 
 
@@ -25,6 +34,8 @@ class StepPlan:
     released: list[Sequence] = field(default_factory=list)  # aborted: the engine frees their seat and KV
     detached: list[Sequence] = field(default_factory=list)  # left the batch keeping their KV (migration)
     preempted: list[Sequence] = field(default_factory=list)  # KV freed, requeued to recompute
+    swapped_out: list[SwapCopy] = field(default_factory=list)  # the engine copies these out before the step
+    swapped_in: list[SwapCopy] = field(default_factory=list)  # ... and these in (after the swap-outs)
 
     @property
     def num_tokens(self) -> int:
@@ -32,14 +43,22 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, kv: BlockManager, max_batch_size: int, token_budget: int, chunk_size: int = 0):
+    def __init__(self, kv: BlockManager, max_batch_size: int, token_budget: int, chunk_size: int = 0,
+                 swap: SwapSpace | None = None, swap_min_tokens: int = 1, swap_in_reserve: int = 0):
         self.kv = kv
         self.max_batch_size = max_batch_size
         self.token_budget = token_budget
         self.chunk_size = chunk_size  # 0: a prompt takes whatever budget is left
+        self.swap = swap  # None: every preemption recomputes
+        self.swap_min_tokens = max(swap_min_tokens, 1)
+        # blocks a swap-in leaves free while others run, so they can grow without evicting it at once
+        self.swap_in_reserve = swap_in_reserve
         self.running: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
-        self.preemptions = 0
+        self.swapped: deque[Sequence] = deque()  # oldest first; KV in the swap space, no device blocks
+        self.recomputes = 0
+        self.swaps_out = 0
+        self.swaps_in = 0
         self._arrivals: list[Sequence] = []
         self._lock = threading.Lock()
 
@@ -55,20 +74,36 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._arrivals)
+        return bool(self.running or self.waiting or self.swapped or self._arrivals)
+
+    @property
+    def preemptions(self) -> int:
+        """Every preemption, either mode."""
+        return self.recomputes + self.swaps_out
 
     def schedule(self) -> StepPlan:
         """Plan the next step.
 
-        Invariants: every sequence is in exactly one of arrivals, running, waiting, or none
-        (finished, released, detached); an aborted one is released exactly once and never
-        stepped again; a detached one leaves running with its KV. A step holds at most
+        Invariants: every sequence is in exactly one of arrivals, running, waiting, swapped,
+        or none (finished, released, detached); an aborted one is released exactly once and
+        never stepped again; a detached one leaves running with its KV. A step holds at most
         max_batch_size sequences, each once, and at most token_budget tokens; every running
         sequence in the step gets its one token before any prompt chunk, so a long prompt
         delays running sequences by at most one chunk; each chunk is at most chunk_size.
         Every scheduled sequence has KV blocks for all the positions it computes; when the
         pool runs short the most recently scheduled running sequence (then waiting ones
-        holding blocks) is preempted: its blocks are freed and it is requeued to recompute.
+        holding blocks) is preempted: a running victim is swapped out (its computed blocks
+        copied to the swap space, see the module docstring for the rule) or its blocks are
+        freed and it is requeued to recompute; a waiting victim is always recomputed.
+        A swapped sequence holds host blocks for every computed position and no device
+        block; it comes back (blocks reallocated, KV copied in, table rewritten) before it
+        runs again, oldest first, only in a step whose running sequences preempted nothing
+        (a prompt chunk later in the step may still recompute a waiting victim: no copy),
+        and before any waiting sequence that holds no blocks may take some: swapped
+        sequences go ahead of new admissions. Swap-outs happen only while running sequences
+        get their blocks, so every swap-in of a step is planned after its swap-outs and none
+        of a step's swap-outs follows one of its swap-ins; host blocks a swap-in frees are
+        not reused within the same step.
         When more sequences are running than fit, the batch rotates so each advances in turn.
         """
         plan = StepPlan()
@@ -90,9 +125,13 @@ class Scheduler:
                 self.running.pop(scheduled)
         if 0 < scheduled < len(self.running):
             self.running = self.running[scheduled:] + self.running[:scheduled]
+        if self.swapped and not (plan.preempted or plan.swapped_out):
+            budget = self._swap_in(plan, budget)
         for seq in list(self.waiting):
             if budget <= 0 or len(plan.work) >= self.max_batch_size:
                 break
+            if self.swapped and not self.kv.has(seq):
+                continue  # swapped sequences get blocks first; one mid-prompt goes on with its own
             n = self._chunk(seq, budget, plan)
             if n == 0:
                 break  # first come, first served: later prompts do not overtake a stuck one
@@ -126,11 +165,17 @@ class Scheduler:
     # ---- internals ----
 
     def _drop_aborted_and_detached(self, plan: StepPlan) -> None:
-        plan.released = [s for s in self.running if s.aborted] + [s for s in self.waiting if s.aborted]
+        # a swapped sequence asked to detach stays swapped: it detaches once it is back
+        swapped_aborted = [s for s in self.swapped if s.aborted]
+        plan.released = [s for s in self.running if s.aborted] + [s for s in self.waiting if s.aborted] + swapped_aborted
         plan.detached = [s for s in self.running if s.detach_requested and not s.aborted]
         if plan.released or plan.detached:
             self.running = [s for s in self.running if not (s.aborted or s.detach_requested)]
             self.waiting = deque(s for s in self.waiting if not s.aborted)
+        if swapped_aborted:
+            self.swapped = deque(s for s in self.swapped if not s.aborted)
+            for seq in swapped_aborted:
+                self.swap.free(seq)
 
     def _chunk(self, seq: Sequence, budget: int, plan: StepPlan) -> int:
         """Blocks for the next chunk of a waiting sequence; returns its size (0: no room)."""
@@ -161,17 +206,60 @@ class Scheduler:
         return False
 
     def _preempt(self, seq: Sequence, plan: StepPlan, requeue: bool = True) -> None:
-        """Recompute later: drop the KV, keep the tokens (and so the sampling indices)."""
+        """Swap out a running victim if the rule says so (requeue), else recompute later:
+        drop the KV, keep the tokens (and so the sampling indices)."""
+        seq.preemptions += 1
+        if requeue and self._swap_out(seq, plan):
+            return
         self.kv.free(seq)
         seq.num_computed = 0
-        seq.preemptions += 1
-        self.preemptions += 1
+        self.recomputes += 1
         plan.preempted.append(seq)
         if requeue:
             self.waiting.appendleft(seq)
 
+    def _swap_out(self, seq: Sequence, plan: StepPlan) -> bool:
+        """Host blocks for the victim's computed positions, then drop its device blocks (the
+        engine copies them out before the step runs, so their data is intact until then)."""
+        if self.swap is None or seq.num_computed < self.swap_min_tokens:
+            return False
+        n = blocks_for_tokens(seq.num_computed, self.kv.block_size)
+        host = self.swap.allocate(seq, n)
+        if host is None:
+            return False  # the swap space is full: recompute
+        plan.swapped_out.append(SwapCopy(seq, tuple(self.kv.block_table(seq)[:n]), tuple(host)))
+        self.kv.free(seq)  # shared blocks only lose this reference (copy-on-swap, swap_space.py)
+        self.swapped.append(seq)
+        self.swaps_out += 1
+        return True
+
+    def _swap_in(self, plan: StepPlan, budget: int) -> int:
+        """Bring swapped sequences back, oldest first, while blocks allow; each runs this step
+        (a decode row: its KV up to the last token is restored). Returns the budget left."""
+        while self.swapped and budget > 0 and len(plan.work) < self.max_batch_size:
+            seq = self.swapped[0]
+            # a lone sequence takes what there is: nothing else would ever give it room
+            reserve = self.swap_in_reserve if self.running else 0
+            cached = self.kv.allocate(seq, seq.tokens, num_tokens=len(seq.tokens), reserve=reserve)
+            if cached is None:
+                break  # oldest first: later ones wait too
+            host = self.swap.table(seq)
+            first = cached // self.kv.block_size  # prefix blocks still cached on the device: not copied
+            table = self.kv.block_table(seq)
+            plan.swapped_in.append(SwapCopy(seq, tuple(table[first : len(host)]), tuple(host[first:])))
+            self.swap.free(seq)
+            self.swapped.popleft()
+            self.swaps_in += 1
+            self.running.append(seq)
+            plan.work.append((seq, 1))
+            budget -= 1
+        return budget
+
     def _remove(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.swapped:
+            self.swapped.remove(seq)
+            self.swap.free(seq)
         else:
             self.running = [s for s in self.running if s is not seq]

@@ -19,7 +19,7 @@ class Sequence:
     eos_ids: frozenset[int]
     max_len: int  # most tokens it may reach (the model's context, capped by the KV pool)
     sampling_offset: int = 0  # output index of tokens[prompt_len] in the client's request
-    num_computed: int = 0  # leading tokens whose K/V is in the cache; running: len(tokens) - 1
+    num_computed: int = 0  # leading tokens whose K/V is in the cache (or swap space); running: len(tokens) - 1
     preemptions: int = 0
     outbox: Any = field(default=None, repr=False)  # asyncio.Queue of (token, finish_reason)
     aborted: bool = False

@@ -85,6 +85,7 @@ class DecodeWorker(Worker):
             self.runner, cfg.kv_slots, self.runtime.max_batch_size, asyncio.get_running_loop(),
             kv_budget_bytes=kv_budget_bytes(self.runner.device, budget, cfg.kv_gpu_fraction),
             block_size=cfg.kv_block_size, token_budget=cfg.step_token_budget, chunk_size=self.runtime.prefill_chunk_size,
+            swap_bytes=cfg.swap_space_bytes, swap_min_tokens=cfg.swap_min_tokens, mirror=cfg.decode_mirror,
         )
         self.engine.on_slot_freed = self._notify_slot_freed
         self.engine.start()
