@@ -10,33 +10,31 @@ import asyncio
 import openai
 import pytest
 import pytest_asyncio
-import torch
 
 from services.common.config import from_env
 from services.decode.config import DecodeConfig
+from services.engine.model_config import ModelConfig
 from tests.conftest import greedy_reference
 from tests.stack import start_stack
 
 BLOCK = 8
 BLOCKS = 40  # 320 tokens of KV for 12 requests of ~20 prompt + up to 40 output tokens
-KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 32 * 4  # tiny model: layers, KV heads, head dim, fp32
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(store_url, tiny_model):
-    threads = torch.get_num_threads()
+async def stack(store_url, tiny_model, one_torch_thread):  # the workers set one thread; the fixture restores it
+    kv_bytes_per_token = ModelConfig.from_dir(tiny_model).kv_bytes_per_token(4)  # fp32
     s = await start_stack(
         store_url, tiny_model,
         decode_overrides={
             "local_prefill_threshold": 100_000, "threads": 1, "kv_block_size": BLOCK, "step_token_budget": 64,
-            "kv_cache_bytes": BLOCKS * BLOCK * KV_BYTES_PER_TOKEN,
-            "swap_space_bytes": 4 * BLOCKS * BLOCK * KV_BYTES_PER_TOKEN, "swap_min_tokens": 1,
+            "kv_cache_bytes": BLOCKS * BLOCK * kv_bytes_per_token,
+            "swap_space_bytes": 4 * BLOCKS * BLOCK * kv_bytes_per_token, "swap_min_tokens": 1,
         },
         prefill_overrides={"threads": 1},
     )
     yield s
     await s.stop()
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.asyncio(loop_scope="module")
