@@ -74,6 +74,9 @@ class Pipeline:
         self.itl_ms = LatencyWindow()
         self.on_itl: Callable[[float], None] = lambda seconds: None  # per-token gap, for the ITL histogram
         self._suspect: dict[str, float] = {}
+        # when the directory last went from some decode workers to none: requests arriving within one
+        # heartbeat TTL of that wait for the stage to come back before failing (see _wait_for_decode)
+        self._decode_lost_at = float("-inf")
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._task: asyncio.Task | None = None
 
@@ -88,9 +91,12 @@ class Pipeline:
             await ch.close()
 
     async def refresh(self) -> None:
+        had_decode = bool(self.workers["decode"])
         for stage in self.workers:
             self.workers[stage] = await self.directory.workers(stage)
         now = time.monotonic()
+        if had_decode and not self.workers["decode"]:
+            self._decode_lost_at = now
         self._suspect = {w: t for w, t in self._suspect.items() if now - t < SUSPECT_S}
 
     async def _refresh_loop(self) -> None:
@@ -221,8 +227,14 @@ class Pipeline:
     async def _wait_for_decode(self, deadline: float) -> LoadReport | None:
         """No decode worker at all: hold the request while the stage scales from zero (its
         queued work is in this gateway's load report, which activates the scaler), up to
-        cold_start_wait_s; then give up with 503."""
-        until = min(deadline, time.time() + self.cold_start_wait_s)
+        cold_start_wait_s; then give up with 503.
+
+        A stage that emptied less than one heartbeat TTL ago (the directory's hold_s) is held for
+        the rest of that TTL even with cold_start_wait_s = 0: after a stall of this process, or
+        of the store, the directory can drop workers whose next heartbeat simply has not landed
+        yet, and a request arriving in that gap should not fail."""
+        blip_left = self._decode_lost_at + self.directory.hold_s - time.monotonic()
+        until = min(deadline, time.time() + max(self.cold_start_wait_s, blip_left))
         while time.time() < until:
             await asyncio.sleep(self.refresh_s)
             decode = self._pick("decode", set())

@@ -86,6 +86,42 @@ async def test_no_worker_gives_503_with_retry_after(store_url, tiny_model):
         await gw.stop(1.0)
 
 
+async def test_a_request_just_after_the_decode_stage_vanished_waits_one_ttl_for_it(store_url, tiny_model):
+    """The directory can drop a live worker whose heartbeat is late (a stall of this process or of
+    the store). A request arriving within one heartbeat TTL of the stage emptying is held until the
+    worker is back; once the TTL has passed, a request with no decode worker fails at once."""
+    ttl = 1.5
+    stack = await start_stack(store_url, tiny_model, gateway_overrides={"heartbeat_ttl_s": ttl})
+    pipeline, registration = stack.gateway.pipeline, stack.decode[0]._registration
+    body = {"model": "tiny", "prompt": "still there?", "max_tokens": 3}
+
+    async def vanish() -> None:
+        await registration.stop()  # the heartbeat stops and the report leaves the store
+        for _ in range(200):
+            if not pipeline.workers["decode"]:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError("the gateway kept routing to a worker gone for longer than its TTL")
+
+    try:
+        await vanish()
+        pending = asyncio.create_task(post(stack.base_url, "/v1/completions", body))
+        await asyncio.sleep(0.3)
+        assert not pending.done()  # held, not answered 503
+        await registration.start()
+        status, payload, _ = await asyncio.wait_for(pending, 20)
+        assert status == 200 and payload["usage"]["completion_tokens"] == 3
+
+        await vanish()
+        await asyncio.sleep(ttl)
+        started = asyncio.get_running_loop().time()
+        status, payload, _ = await post(stack.base_url, "/v1/completions", body)
+        assert status == 503 and "no decode worker" in payload["error"]["message"]
+        assert asyncio.get_running_loop().time() - started < ttl / 2
+    finally:
+        await stack.stop()
+
+
 async def test_models_health_and_metrics(stack):
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
         async with http.get(stack.base_url + "/v1/models") as resp:
