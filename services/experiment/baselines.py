@@ -25,7 +25,9 @@ the run, sized and scaled as the table says, on its routed pairs/s: the workload
 tokens/s x top_k x MoE layers x the group's share of the pairs. Its plan ("experts" rows: the
 expert micro-batch and share) is tuned in the tuned runs; its policy has no latency SLO, as the
 experts ScaledObject in k8s/base, and only prefill and decode take their control from
-`sim.scaledobjects`.
+`sim.scaledobjects`. The static runs size prefill and decode for the expert wait at their groups'
+planned size, not at idle groups (_static_moe_counts): each step waits on its experts at every MoE
+layer, so idle-expert capacity would undersize them.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from bench.workloads import Request
 from services.autoscaler.hpa import DEFAULT_SCALE_UP, HPABehavior, HPAScalingPolicy, HPAScalingRules
 from services.scaler.signals import StagePolicyConfig, StepLimit
 from services.sim.control import StageControl
-from services.sim.moe import MoeSpec
+from services.sim.moe import MoeSpec, call_stretch, loaded_wait_ms
 from services.sim.profile import Profile
 from services.sim.simulator import STAGES, SimConfig
-from services.sim.tuning import StagePlan, Workload, build_table, default_plan, plan_stage
+from services.sim.tuning import (StagePlan, Workload, build_table, default_plan, experts_wait_ms, plan_point,
+                                 plan_stage)
 
 from .config import ExperimentConfig
 
@@ -53,6 +56,8 @@ TUNED = {"static_peak_tuned", "elastic_tuned", "no_smoothing", "no_cooldown", "s
 PEAK_WINDOW_S = 60.0
 MAX_OVER_PEAK = 2
 START_S = 60  # the elastic runs start sized for the busiest minute among the first two
+# MoE static sizing: the expert groups' target utilisation is tried at these fractions of the run's
+GROUP_UTILIZATION_FRACTIONS = (1.0, 0.8, 0.6, 0.4)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,47 @@ def _group_demand(need: Demand, spec: MoeSpec, layers: int) -> tuple[dict[str, f
                  for figures in (need.mean, need.peak, need.start))
 
 
+def _static_moe_counts(profile: Profile, work: Workload, plans: dict[str, StagePlan], spec: MoeSpec,
+                       load: dict[str, float], util: float, gpus: int) -> dict[str, int]:
+    """Static replica counts for an MoE run, as capacity planning with the simulator's own queueing
+    model would set them (without it, prefill and decode are sized for idle experts and miss).
+
+    For each target utilisation of the expert groups (GROUP_UTILIZATION_FRACTIONS of the run's),
+    the groups are sized for their routed pairs/s; then prefill and decode are sized for their
+    plan's batch with every group's calls stretched as services/sim/moe.py stretches them
+    (call_stretch at the group's utilisation, with every prefill and decode pod calling), which
+    is repeated until the counts settle. The candidate with the fewest GPUs wins."""
+    experts, group_plan = profile.experts_model(), plans["experts"]
+    micro_batch = group_plan.config["max_batch_size"]
+    points = {s: plan_point(profile, work, plans[s], spec) for s in STAGES}
+    tokens = {s: p.throughput_tokens_per_s * p.latency_p50_ms / 1000.0 for s, p in points.items()}
+    idle_ms = {s: experts_wait_ms(profile, spec, tokens[s]) for s in STAGES}
+
+    def count(stage: str, per_pod: float, target: float) -> int:
+        share = plans[stage.split("/")[0]].share
+        return min(max(math.ceil(load[stage] / (per_pod * target)), 1), max(int(gpus / share + 1e-9), 1))
+
+    best: tuple[float, dict[str, int]] | None = None
+    for fraction in GROUP_UTILIZATION_FRACTIONS:
+        groups = {g: count(g, group_plan.tokens_per_s, util * fraction) for g in spec.stages()}
+        pods = {s: count(s, plans[s].tokens_per_s, util) for s in STAGES}
+        for _ in range(20):
+            callers = sum(pods.values())
+            stretch = {g: call_stretch(load[g] / (n * group_plan.tokens_per_s), callers, n) for g, n in groups.items()}
+            settled = {}
+            for s in STAGES:
+                wait = loaded_wait_ms(spec, experts, group_plan.share, micro_batch, tokens[s], stretch)
+                settled[s] = count(s, tokens[s] / (points[s].latency_p50_ms - idle_ms[s] + wait) * 1000.0, util)
+            if settled == pods:
+                break
+            pods = settled
+        counts = {**pods, **groups}
+        used = sum(plans[s.split("/")[0]].share * n for s, n in counts.items())
+        if best is None or used < best[0] - 1e-9:
+            best = (used, counts)
+    return best[1]
+
+
 def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) -> SimConfig:
     """The simulator set-up of one run (see the module docstring)."""
     work = need.workload
@@ -166,6 +212,9 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
         group_mean, group_peak, group_start = _group_demand(need, spec, layers)
         mean, peak, start_load = {**mean, **group_mean}, {**peak, **group_peak}, {**need.start, **group_start}
     util = cfg.sim.target_utilization
+    sized = {"static_peak": peak, "static_peak_tuned": peak, "static_mean": mean}.get(run)
+    static_counts = (_static_moe_counts(profile, work, plans, spec, sized, util, cfg.sim.gpus)
+                     if sized is not None and spec is not None else {})
     controls = {}
     for stage in stages:
         kind = stage.split("/")[0]  # the table's stage: every expert group runs the "experts" plan
@@ -175,9 +224,8 @@ def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) 
         # maxReplicaCount as an operator sets it from capacity planning: twice the peak-sized count,
         # so one stage cannot take the GPUs the other stage needs (the cluster is shared).
         most = min(MAX_OVER_PEAK * at_peak, fits)
-        sized = {"static_peak": peak, "static_peak_tuned": peak, "static_mean": mean}.get(run)
         if sized is not None:
-            count = min(max(math.ceil(sized[stage] / (plan.tokens_per_s * util)), 1), fits)
+            count = static_counts.get(stage) or min(max(math.ceil(sized[stage] / (plan.tokens_per_s * util)), 1), fits)
             controls[stage] = StageControl("static", replicas=count, min_replicas=count, max_replicas=count)
             continue
         start = min(max(math.ceil(start_load[stage] / (plan.tokens_per_s * util)), 1), most)

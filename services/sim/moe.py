@@ -147,9 +147,7 @@ class ExpertsStage:
 
     def stretch(self, group: ExpertGroup, now: float) -> float:
         """R / S for a call to the group now (see the module docstring)."""
-        bound = 1.0 + max(self.callers - 1, 0) / max(len(self.ready[group.stage]), 1)
-        rho = self.rho(group, now)
-        return min(1.0 / (1.0 - rho), bound) if rho < 1.0 else bound
+        return call_stretch(self.rho(group, now), self.callers, len(self.ready[group.stage]))
 
     def delay_s(self, tokens: int, now: float) -> float:
         """How long a step (or prefill micro-batch) of `tokens` tokens waits on its experts."""
@@ -186,11 +184,26 @@ class ExpertsStage:
         return v.signals, v.active
 
 
+def call_stretch(rho: float, callers: int, replicas: int) -> float:
+    """R / S of a call to a group at utilisation `rho` per replica, with `callers` pods calling
+    `replicas` replicas (see the module docstring)."""
+    bound = 1.0 + max(callers - 1, 0) / max(replicas, 1)
+    return min(1.0 / (1.0 - rho), bound) if rho < 1.0 else bound
+
+
 def unloaded_wait_ms(spec: MoeSpec, model: ExpertsModel, share: float, micro_batch: int, tokens: float) -> float:
     """What `tokens` tokens wait on idle expert groups: every layer's slowest group's call."""
+    return loaded_wait_ms(spec, model, share, micro_batch, tokens, {})
+
+
+def loaded_wait_ms(spec: MoeSpec, model: ExpertsModel, share: float, micro_batch: int, tokens: float,
+                   stretch: dict[str, float]) -> float:
+    """What `tokens` tokens wait on their experts when each group's calls are stretched by
+    `stretch[group]` (call_stretch; a group not named is idle): every layer's slowest group's call."""
     if tokens <= 0:
         return 0.0
-    worst = max(model.call_ms(tokens * spec.top_k * f, share, micro_batch) for f in spec.group_shares().values())
+    worst = max(model.call_ms(tokens * spec.top_k * f, share, micro_batch) * stretch.get(g, 1.0)
+                for g, f in spec.group_shares().items())
     return model.layers * worst
 
 

@@ -171,6 +171,20 @@ def default_plan(profile: Profile, work: Workload, stage: str, moe: MoeSpec | No
     return StagePlan(stage, 1.0, dict(p.config), p.throughput_tokens_per_s)
 
 
+def plan_point(profile: Profile, work: Workload, plan: StagePlan, moe: MoeSpec | None = None) -> ProfilePoint:
+    """The table row a prefill or decode plan runs at (what its tokens_per_s came from)."""
+    if plan.stage == "decode":
+        return _decode_point(profile, plan.share, plan.config["max_batch_size"], work, moe)
+    if plan.stage == "prefill":
+        return _prefill_point(profile, plan.share, plan.config["max_batch_tokens"], work, moe)
+    raise ValueError(f"plan_point: prefill or decode, not {plan.stage}")
+
+
+def experts_wait_ms(profile: Profile, moe: MoeSpec, tokens: float) -> float:
+    """What the table's prefill and decode rows count for `tokens` tokens' idle experts."""
+    return _experts_wait(profile, moe, tokens)
+
+
 def retune(table: TuningTable, profile: Profile, plan: StagePlan, load_per_pod: float, slo_ms: float,
            current: dict[str, int]) -> dict[str, int]:
     """The inner loop: the config a pod at the plan's share should run at its observed load."""

@@ -4,13 +4,21 @@ their replicas and GPU-seconds in the summary and the report, and the block's co
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 
 from services import cli
-from services.experiment.config import ConfigError, parse
+from services.experiment.baselines import demand, sim_config
+from services.experiment.config import ConfigError, load, parse
+from services.experiment.metrics import Slo, summarize
+from services.experiment.workload import build
+from services.sim.control import StageControl
+from services.sim.profile import load_profile
+from services.sim.simulator import simulate
 
 REPO = Path(__file__).resolve().parents[2]
 GROUPS = ("experts/g0", "experts/g1", "experts/g2", "experts/g3")
@@ -90,3 +98,30 @@ def test_moe_is_sim_only_and_off_by_default():
         parse({"name": "x", "runs": ["static_peak"], "mode": "real", "moe": {"experts": 8}})
     assert not parse({"name": "x", "runs": ["static_peak"]}).moe.on
     assert not parse(yaml.safe_load("name: x\nruns: [static_peak]\nmoe: {experts: 0}\n")).moe.on
+
+
+def test_static_peak_is_sized_for_loaded_experts_and_meets_the_slo_where_idle_sizing_does_not():
+    cfg = load(REPO / "experiments/moe-skew.yaml")  # 12 req/s for two minutes: the groups are busy
+    requests = build(cfg.workload, cfg.seed)
+    profile = load_profile(cfg.sim.profile)
+    profile = replace(profile, stack=replace(profile.stack, host_cores=0.0))
+    need = demand(requests)
+    setup = sim_config(cfg, "static_peak", profile, need)
+    columns = ([r.arrival_s for r in requests], [r.prompt_tokens for r in requests],
+               [r.output_tokens for r in requests])
+    util = cfg.sim.target_utilization
+
+    def attainment(controls) -> float:
+        data = simulate(replace(setup, controls=controls), *columns)
+        return summarize(data, Slo(cfg.slo_ttft_s, cfg.slo_tpot_s), stages=tuple(controls))["slo_attainment"]
+
+    # prefill and decode sized for their peak at idle-expert capacity (the sizing before), groups as planned
+    idle = {s: max(math.ceil(need.peak[s] / (setup.plans[s].tokens_per_s * util)), 1) if s in ("prefill", "decode")
+            else c.replicas for s, c in setup.controls.items()}
+    planned = {s: c.replicas for s, c in setup.controls.items()}
+    assert all(c.min_replicas == c.max_replicas == c.replicas for c in setup.controls.values())
+    assert planned["decode"] > idle["decode"]  # decode steps wait on loaded groups: more pods
+    assert all(planned[g] >= 1 for g in GROUPS)
+    static = {s: StageControl("static", replicas=n, min_replicas=n, max_replicas=n) for s, n in idle.items()}
+    assert attainment(static) < 0.8
+    assert attainment(setup.controls) >= 0.95
