@@ -7,6 +7,7 @@ import asyncio
 import gc
 import io
 import os
+import selectors
 import sys
 import threading
 import traceback
@@ -88,6 +89,44 @@ def greedy_reference(model_dir, prompts: list[str], max_tokens: list[int], ignor
     return out
 
 
+def _await_chain(coro, depth: int = 12) -> list[str]:
+    """Where a coroutine waits: each frame down its chain of awaits (cr_await / ag_await /
+    gi_yieldfrom), as file:line in function. Task.print_stack cannot walk some of these (it
+    failed on coroutines with no current line), so this one names what it cannot read."""
+    lines = []
+    while coro is not None and depth > 0:
+        depth -= 1
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        else:
+            lines.append(repr(coro)[:200])
+        coro = (getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+                or getattr(coro, "gi_yieldfrom", None))
+    return lines
+
+
+def _unregistered_readers_text() -> str:
+    """Socket transports that should be reading but are missing from their event loop's selector:
+    their peer's bytes are never read. (A garbage-collected client closing late did that once: see
+    tests/test_clients_are_closed.py.)"""
+    from asyncio.selector_events import _SelectorSocketTransport
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transports = [o for o in gc.get_objects() if isinstance(o, _SelectorSocketTransport)]
+    lost = []
+    for t in transports:
+        if t.is_closing() or not t.is_reading() or t._loop.is_closed():
+            continue
+        key = t._loop._selector.get_map().get(t._sock_fd)
+        if key is None or not (key.events & selectors.EVENT_READ):
+            lost.append(f"  fd {t._sock_fd} {t.get_extra_info('sockname')} <- {t.get_extra_info('peername')}: "
+                        f"protocol {type(t._protocol).__name__}")
+    head = f"{len(lost)} socket transports reading but not in their loop's selector"
+    return "\n".join([head, *lost])
+
+
 def _pending_tasks_text() -> str:
     """Every unfinished asyncio task's stack, and every thread's: pytest shows neither, and a
     hung test is almost always a coroutine (or a model thread) waiting on something."""
@@ -97,10 +136,10 @@ def _pending_tasks_text() -> str:
     out = io.StringIO()
     print(f"{len(tasks)} pending asyncio tasks", file=out)
     for task in tasks:
-        try:
-            task.print_stack(limit=8, file=out)
-        except Exception as exc:  # a task finishing under our feet: skip it
-            print(f"  ({exc!r})", file=out)
+        print(f"- {task!r}", file=out)
+        for line in _await_chain(task.get_coro()):
+            print(f"    {line}", file=out)
+    print(_unregistered_readers_text(), file=out)
     names = {t.ident: t.name for t in threading.enumerate()}
     for ident, frame in sys._current_frames().items():
         if ident != threading.get_ident():

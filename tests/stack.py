@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+import openai
+
 from services.decode.config import DecodeConfig
 from services.decode.server import DecodeWorker
 from services.gateway.config import GatewayConfig
@@ -18,6 +20,7 @@ class LocalStack:
     gateway: Gateway
     prefill: list[PrefillWorker] = field(default_factory=list)
     decode: list[DecodeWorker] = field(default_factory=list)
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -27,7 +30,20 @@ class LocalStack:
     def grpc_address(self) -> str:
         return f"127.0.0.1:{self.gateway.port}"
 
+    def openai(self, timeout: float = 60, api_key: str = "unused") -> openai.AsyncOpenAI:
+        """An OpenAI client for this stack's gateway, closed by stop().
+
+        Never leave one to the garbage collector in a test: a collected AsyncOpenAI schedules its
+        own close, and closing its connections then unregisters their old file descriptor numbers
+        from the event loop's selector, by then perhaps reused by a socket the gateway accepted
+        in this same loop, whose request is then never read (a hang until the client's timeout)."""
+        client = openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+        self.clients.append(client)
+        return client
+
     async def stop(self) -> None:
+        for client in self.clients:
+            await client.close()
         await self.gateway.stop(1.0)
         for w in self.prefill + self.decode:
             await w.stop(1.0)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import openai
 import pytest
 
 from services.common.registry import WorkerDirectory
@@ -29,7 +28,7 @@ async def cli(*args: str) -> tuple[int, str]:
 
 
 async def test_drain_command_drains_a_decode_worker_without_losing_tokens(stack, store_url):
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = stack.openai(timeout=60)
 
     async def one(i: int) -> list[int]:
         tokens = []

@@ -46,7 +46,7 @@ async def admin(stack):
 
 
 def _client(stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return stack.openai(timeout=60)
 
 
 async def _stream_tokens(client, prompt: str, max_tokens: int) -> tuple[list[int], str | None]:

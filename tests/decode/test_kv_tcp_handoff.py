@@ -35,7 +35,7 @@ async def stack(store_url, tiny_model):
 
 
 def _client(stack) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return stack.openai(timeout=60)
 
 
 async def _complete(client, prompt: str, max_tokens: int) -> list[int]:

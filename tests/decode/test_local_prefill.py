@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import openai
 import pytest
 import pytest_asyncio
 import torch
@@ -50,7 +49,7 @@ async def test_chunked_local_prefill_under_preemption_matches_transformers(stack
     system = "You are a careful assistant. Answer briefly and exactly. "
     prompts = [system + f"Question {i}: " + "why do blocks page " * (i % 5) for i in range(16)]
     max_tokens = [18 + (i * 7) % 13 for i in range(16)]
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = stack.openai(timeout=120)
 
     async def one(i: int):
         resp = await client.completions.create(

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 
-import openai
 import pytest
 import pytest_asyncio
 
@@ -43,7 +42,7 @@ async def test_streams_through_swaps_complete_with_each_token_once(stack, tiny_m
     assert e.swap is not None and e.swap.num_blocks == 4 * BLOCKS
     prompts = [f"Request {i}: swap the blocks out, then " + "page them back in " * (i % 3) for i in range(12)]
     max_tokens = [24 + (i * 5) % 17 for i in range(12)]
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = stack.openai(timeout=120)
 
     async def one(i: int) -> tuple[list[int], str | None]:
         stream = await client.completions.create(

@@ -50,15 +50,17 @@ async def stop_all(gateway, workers, servers=()):
 
 
 async def generate(base_url: str, prompts=PROMPTS, max_tokens=MAX_TOKENS) -> list[list[int]]:
-    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    # closed, not collected: see LocalStack.openai in tests/stack.py
+    async with openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120) as client:
 
-    async def one(i):
-        await asyncio.sleep(0.02 * i)  # staggered: requests join a running decode batch
-        resp = await client.completions.create(model="tiny-moe", prompt=prompts[i], max_tokens=max_tokens[i],
-                                               temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
-        return resp.choices[0].model_extra["token_ids"]
+        async def one(i):
+            await asyncio.sleep(0.02 * i)  # staggered: requests join a running decode batch
+            resp = await client.completions.create(model="tiny-moe", prompt=prompts[i], max_tokens=max_tokens[i],
+                                                   temperature=0,
+                                                   extra_body={"return_token_ids": True, "ignore_eos": True})
+            return resp.choices[0].model_extra["token_ids"]
 
-    return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+        return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
 
 
 @pytest.fixture(scope="module")

@@ -186,14 +186,16 @@ async def test_bearer_auth_with_the_openai_client(stack, gateway_factory, tmp_pa
     keys = tmp_path / "keys"
     keys.write_text("sk-from-file\n")
     gw = await gateway_factory(api_keys="sk-right", api_keys_file=str(keys))
+    # closed, not collected: see LocalStack.openai in tests/stack.py
     for key in ("sk-right", "sk-from-file"):
-        client = openai.AsyncOpenAI(base_url=url(gw) + "/v1", api_key=key, max_retries=0, timeout=30)
-        out = await client.completions.create(model="tiny", prompt="let me in", max_tokens=3)
-        assert out.usage.completion_tokens == 3
-        assert (await client.models.list()).data[0].id == "tiny"
-    wrong = openai.AsyncOpenAI(base_url=url(gw) + "/v1", api_key="sk-wrong", max_retries=0, timeout=30)
-    with pytest.raises(openai.AuthenticationError) as err:
-        await wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        async with openai.AsyncOpenAI(base_url=url(gw) + "/v1", api_key=key, max_retries=0, timeout=30) as client:
+            out = await client.completions.create(model="tiny", prompt="let me in", max_tokens=3)
+            assert out.usage.completion_tokens == 3
+            assert (await client.models.list()).data[0].id == "tiny"
+    async with openai.AsyncOpenAI(base_url=url(gw) + "/v1", api_key="sk-wrong", max_retries=0, timeout=30) as wrong:
+        with pytest.raises(openai.AuthenticationError) as err:
+            await wrong.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=3)
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
         async with http.get(url(gw) + "/v1/models") as resp:  # no header at all

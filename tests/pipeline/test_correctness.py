@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import openai
 import pytest
 
 from tests.conftest import greedy_reference
@@ -22,7 +21,7 @@ async def stack(store_url, tiny_model):
 async def test_concurrent_greedy_matches_transformers(stack, tiny_model):
     prompts = [f"Request {i}: " + "the scheduler batches tokens " * (i * 3 % 17) + f"end {i}" for i in range(16)]
     max_tokens = [6 + (i * 5) % 23 for i in range(16)]  # different lengths: sequences leave mid-batch
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = stack.openai(timeout=60)
 
     async def one(i: int):
         await asyncio.sleep(0.03 * (i % 5))  # staggered: later requests join a running batch
@@ -44,7 +43,7 @@ async def test_concurrent_greedy_matches_transformers(stack, tiny_model):
 async def test_grpc_kv_transport_gives_same_tokens(store_url, tiny_model):
     s = await start_stack(store_url, tiny_model, decode_overrides={"kv_transport": "grpc"})
     try:
-        client = openai.AsyncOpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        client = s.openai(timeout=60)
         prompts = ["gRPC bytes carry the KV " * k for k in (1, 4, 9)]
         got = [
             (await client.completions.create(model="tiny", prompt=p, max_tokens=10, temperature=0,
@@ -58,7 +57,7 @@ async def test_grpc_kv_transport_gives_same_tokens(store_url, tiny_model):
 
 
 async def test_same_seed_sampling_is_reproducible(stack):
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = stack.openai(timeout=60)
 
     async def sample(seed: int) -> list[int]:
         resp = await client.completions.create(

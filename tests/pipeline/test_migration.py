@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import openai
 import pytest
 
 from tests.stack import start_stack
@@ -21,7 +20,7 @@ async def stack(store_url, tiny_model):
 
 
 async def run_all(stack, seeded: bool = False) -> list[list[int]]:
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = stack.openai(timeout=60)
 
     async def one(i: int) -> list[int]:
         extra = {"return_token_ids": True, "ignore_eos": True}

@@ -10,7 +10,6 @@ import threading
 from dataclasses import replace
 
 import grpc
-import openai
 import pytest
 import pytest_asyncio
 import torch
@@ -188,7 +187,7 @@ async def test_decode_worker_falls_back_and_frees_its_file_when_prefill_fails(st
     decode.shm_pool.close()  # no reused file from an earlier test
     offered = []
     local_before = decode.kv_sources["local"]
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = stack.openai(timeout=60)
     prompt = "the prefill worker fails in the middle of this prompt " * 2
     handle = _fail_at(model, 3, lambda: offered.extend(tmp_path.iterdir()))
     try:
@@ -214,7 +213,7 @@ async def test_decode_worker_reuses_its_file_after_a_complete_transfer(stack, tm
     monkeypatch.setattr(kv_transport, "shm_dir", lambda: tmp_path)
     decode.shm_pool.close()
     shm_before = decode.kv_sources["shm"]
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = stack.openai(timeout=60)
     files = []
     for prompt in ("a first prompt for the shared file " * 3, "a shorter second one"):
         await client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
@@ -241,7 +240,7 @@ async def test_decode_worker_drops_a_silent_prefill_call_and_computes_the_prompt
 
     handle = model.layers[1].input_layernorm.register_forward_pre_hook(freeze)
     local_before = decode.kv_sources["local"]
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = stack.openai(timeout=60)
     prompt = "the prefill worker freezes while computing this prompt " * 2
     try:
         resp = await client.completions.create(

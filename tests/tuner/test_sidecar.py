@@ -8,7 +8,6 @@ import time
 import uuid
 from dataclasses import replace
 
-import openai
 import pytest
 
 from services.common.store import connect
@@ -58,7 +57,7 @@ async def test_hot_swaps_under_streaming_load_fail_nothing_and_keep_greedy_token
     decode, prefill = sidecar_for(stack.decode[0], store_url), sidecar_for(stack.prefill[0], store_url)
     prompts = [f"Swap {i}: " + "tokens stream while the batch changes " * (1 + i % 4) for i in range(12)]
     n_tokens = 48
-    client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = stack.openai(timeout=120)
     chunk_times: list[float] = []
     in_flight: list[int] = []  # decode sequences holding a slot at each swap
 
@@ -127,7 +126,7 @@ async def test_share_change_switches_config_at_once_and_observations_reach_the_t
         assert sidecar.history[-1][1] == 0.5
 
         # A full batch running: the sidecar writes its step timings back as an online observation.
-        client = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        client = stack.openai(timeout=120)
         load = [asyncio.ensure_future(client.completions.create(
             model="tiny", prompt=f"observe {i}", max_tokens=60, temperature=0, extra_body={"ignore_eos": True}))
             for i in range(8)]
