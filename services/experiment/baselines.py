@@ -159,7 +159,9 @@ def _static_moe_counts(profile: Profile, work: Workload, plans: dict[str, StageP
     the groups are sized for their routed pairs/s; then prefill and decode are sized for their
     plan's batch with every group's calls stretched as services/sim/moe.py stretches them
     (call_stretch at the group's utilisation, with every prefill and decode pod calling), which
-    is repeated until the counts settle. The candidate with the fewest GPUs wins."""
+    is repeated until the counts settle. The candidate with the fewest GPUs wins; one that needs more
+    than the cluster is shrunk to fit it (placed first come, first served, a plan over the cluster
+    would leave the last stages, the expert groups, unplaced and serve nothing)."""
     experts, group_plan = profile.experts_model(), plans["experts"]
     micro_batch = group_plan.config["max_batch_size"]
     points = {s: plan_point(profile, work, plans[s], spec) for s in STAGES}
@@ -188,7 +190,10 @@ def _static_moe_counts(profile: Profile, work: Workload, plans: dict[str, StageP
         used = sum(plans[s.split("/")[0]].share * n for s, n in counts.items())
         if best is None or used < best[0] - 1e-9:
             best = (used, counts)
-    return best[1]
+    used, counts = best
+    if used > gpus + 1e-9:  # more than the cluster holds: every stage shrinks in proportion, one pod at least
+        counts = {s: max(int(n * gpus / used), 1) for s, n in counts.items()}
+    return counts
 
 
 def sim_config(cfg: ExperimentConfig, run: str, profile: Profile, need: Demand) -> SimConfig:

@@ -125,3 +125,16 @@ def test_static_peak_is_sized_for_loaded_experts_and_meets_the_slo_where_idle_si
     static = {s: StageControl("static", replicas=n, min_replicas=n, max_replicas=n) for s, n in idle.items()}
     assert attainment(static) < 0.8
     assert attainment(setup.controls) >= 0.95
+
+
+def test_a_static_moe_plan_larger_than_the_cluster_is_shrunk_to_fit_it():
+    cfg = load(REPO / "experiments/moe-skew.yaml")
+    requests = build(cfg.workload, cfg.seed)
+    profile = load_profile(cfg.sim.profile)
+    need = demand(requests)
+    roomy = sim_config(cfg, "static_peak", profile, need)
+    wanted = sum(c.replicas for c in roomy.controls.values())
+    small = replace(cfg, sim=replace(cfg.sim, gpus=wanted - 3))
+    fitted = sim_config(small, "static_peak", profile, need).controls
+    assert sum(c.replicas for c in fitted.values()) <= small.sim.gpus  # whole-GPU pods: one GPU each
+    assert all(c.replicas >= 1 for c in fitted.values())  # every stage, expert groups included, gets a pod
