@@ -39,7 +39,8 @@
       groups: 4                   # expert groups (stages experts/g0 ...), each scaled on its own
       skew: 0.0                   # Zipf exponent of expert popularity (expert 0 hottest; 0: uniform)
       slo_fraction: 0.5           # the share of the TPOT SLO a step may spend on its experts calls
-    policy: {}                    # StagePolicyConfig overrides for elastune runs (field: value)
+    policy: {}                    # StagePolicyConfig overrides for elastune runs (field: value;
+                                  # scale_up_max_step / scale_down_max_step as {pods: n, percent: p})
     hpa:                          # the ScaledObject's HPA behaviour in sim runs
       tolerance: 0.1
       scale_down_window_s: 30
@@ -61,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from services.scaler.signals import StepLimit
 
 MODES = ("sim", "real")
 WORKLOADS = ("trace", "poisson", "gamma", "onoff", "steps")
@@ -180,6 +183,22 @@ def _section(cls, node: Any, path: str):
     return cls(**values)
 
 
+STEP_FIELDS = ("scale_up_max_step", "scale_down_max_step")
+
+
+def _step_limit(value: Any, where: str) -> StepLimit:
+    """policy.scale_up_max_step / scale_down_max_step: {pods: n >= 1, percent: p >= 0}."""
+    if not isinstance(value, dict) or not set(value) <= {"pods", "percent"}:
+        raise ConfigError(f"{where} must be {{pods: n, percent: p}}, got {value!r}")
+    try:
+        pods, percent = int(value.get("pods", 1)), float(value.get("percent", 0.0))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where} must be {{pods: n, percent: p}}: {exc}") from exc
+    if pods < 1 or not percent >= 0:
+        raise ConfigError(f"{where}: pods must be >= 1 and percent >= 0, got {value!r}")
+    return StepLimit(pods, percent)
+
+
 def parse(doc: Any, source: str = "<config>") -> ExperimentConfig:
     from .baselines import RUNS  # the known run names live with their definitions
 
@@ -210,6 +229,7 @@ def parse(doc: Any, source: str = "<config>") -> ExperimentConfig:
     policy = doc.get("policy") or {}
     if not isinstance(policy, dict):
         raise ConfigError(f"{source}: policy must be a mapping of StagePolicyConfig fields")
+    policy = {k: _step_limit(v, f"{source}: policy.{k}") if k in STEP_FIELDS else v for k, v in policy.items()}
     sim = _section(SimSection, doc.get("sim"), "sim")
     if sim.gpus < 1 or sim.interval_s <= 0 or sim.window_s <= 0:
         raise ConfigError(f"{source}: sim.gpus must be >= 1 and sim.interval_s, sim.window_s > 0")

@@ -19,6 +19,9 @@ MetadataError naming the key and what is allowed; the servicer turns it into INV
 | `maxReplicas`              | 16          | integer 1..1000                                          |
 | `scaleUpCooldownSeconds`   | 15          | >= 0                                                     |
 | `scaleDownCooldownSeconds` | 60          | >= 0                                                     |
+| `scaleDownWindowSeconds`   | 300         | >= 0: scale down only to what the window's peak need fits|
+| `scaleUpMaxPods`           | 4           | integer 1..1000: one decision adds at most max(this,     |
+| `scaleUpMaxPercent`        | 100         | >= 0: ...this percent of the current count) pods         |
 | `deadBand`                 | 0.1         | [0, 1): relative need change ignored around the count    |
 | `gpuShare`                 | 1           | (0, 1]: the fraction of a GPU each pod has               |
 | `decisionIntervalSeconds`  | 5           | > 0: at most one decision per ScaledObject this often    |
@@ -37,7 +40,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from .signals import StagePolicyConfig
+from .signals import StagePolicyConfig, StepLimit
 
 MODE_DESIRED = "desired"
 MODE_RAW = "raw"
@@ -47,7 +50,8 @@ KEDA_KEYS = frozenset({"scalerAddress", "caCert", "tlsClientCert", "tlsClientKey
 KNOWN_KEYS = frozenset({
     "stage", "group", "mode", "tokensPerSecondPerPod", "targetUtilization", "emaHalfLifeSeconds", "sloTtftSeconds",
     "sloItlSeconds", "queueDrainSeconds", "kvHighWatermark", "minReplicas", "maxReplicas",
-    "scaleUpCooldownSeconds", "scaleDownCooldownSeconds", "deadBand", "gpuShare",
+    "scaleUpCooldownSeconds", "scaleDownCooldownSeconds", "scaleDownWindowSeconds", "scaleUpMaxPods",
+    "scaleUpMaxPercent", "deadBand", "gpuShare",
     "decisionIntervalSeconds", "storePrefix",
 })
 MAX_REPLICAS_LIMIT = 1000
@@ -191,6 +195,9 @@ def parse_trigger(
         kv_high_watermark=_number(meta, "kvHighWatermark", 0.85, FRACTION),
         scale_up_cooldown_s=_number(meta, "scaleUpCooldownSeconds", 15.0, NON_NEGATIVE),
         scale_down_cooldown_s=_number(meta, "scaleDownCooldownSeconds", 60.0, NON_NEGATIVE),
+        scale_down_window_s=_number(meta, "scaleDownWindowSeconds", 300.0, NON_NEGATIVE),
+        scale_up_max_step=StepLimit(_integer(meta, "scaleUpMaxPods", 4, low=1),
+                                    _number(meta, "scaleUpMaxPercent", 100.0, NON_NEGATIVE)),
         dead_band=_number(meta, "deadBand", 0.1, BAND),
         min_replicas=min_replicas,
         max_replicas=max_replicas,

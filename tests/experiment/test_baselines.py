@@ -9,7 +9,7 @@ import pytest
 
 from bench.workloads import Request
 from services.experiment.baselines import RUNS, demand, sim_config
-from services.experiment.config import parse
+from services.experiment.config import ConfigError, parse
 from services.sim.profile import load_profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,3 +71,19 @@ def test_elastic_run_follows_the_local_scaledobjects():
     assert decode.policy.pod_tokens_per_s() == 250.0 and prefill.policy.pod_tokens_per_s() == 2000.0
     assert decode.policy.ema_half_life_s == 5.0 and decode.max_replicas == 4
     assert decode.behavior.scale_down.stabilization_window_s == 20
+
+
+def test_policy_step_limits_from_the_config_reach_the_elastic_runs():
+    cfg = parse({"name": "t", "runs": ["elastic_tuned"], "sim": {"profile": str(PROFILE), "gpus": 64},
+                 "policy": {"scale_up_max_step": {"pods": 2, "percent": 25}, "scale_down_window_s": 600}})
+    profile, need = load_profile(PROFILE), demand(_requests())
+    policy = sim_config(cfg, "elastic_tuned", profile, need).controls["prefill"].policy
+    assert (policy.scale_up_max_step.pods, policy.scale_up_max_step.percent) == (2, 25.0)
+    assert policy.scale_up_max_step.up(12) == 3 and policy.scale_down_window_s == 600
+    assert sim_config(cfg, "symmetric", profile, need).controls["prefill"].policy.scale_down_max_step.pods == 2
+
+
+@pytest.mark.parametrize("step", [{"pods": 0}, {"percent": -5}, {"pods": "many"}, {"size": 2}, 3])
+def test_a_bad_step_limit_names_the_field(step):
+    with pytest.raises(ConfigError, match=r"policy\.scale_up_max_step"):
+        parse({"name": "t", "runs": ["elastic"], "policy": {"scale_up_max_step": step}})

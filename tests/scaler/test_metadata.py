@@ -41,6 +41,9 @@ BAD_VALUES = [
     ("maxReplicas", "1001", "an integer in 1..1000"),
     ("scaleUpCooldownSeconds", "-5", ">= 0"),
     ("scaleDownCooldownSeconds", "soon", ">= 0"),
+    ("scaleDownWindowSeconds", "-1", ">= 0"),
+    ("scaleUpMaxPods", "0", "an integer in 1..1000"),
+    ("scaleUpMaxPercent", "-10", ">= 0"),
     ("deadBand", "1", "[0, 1)"),
     ("gpuShare", "0", "(0, 1]"),
     ("decisionIntervalSeconds", "0", "> 0"),
@@ -78,6 +81,8 @@ def test_defaults() -> None:
     assert policy.slo_ttft_s is None and policy.slo_itl_s is None
     assert (policy.min_replicas, policy.max_replicas, policy.dead_band, policy.gpu_share) == (1, 16, 0.1, 1.0)
     assert (policy.scale_up_cooldown_s, policy.scale_down_cooldown_s) == (15.0, 60.0)
+    assert policy.scale_down_window_s == 300.0
+    assert (policy.scale_up_max_step.pods, policy.scale_up_max_step.percent) == (4, 100.0)
     assert trigger.metric_name == "decode-desired-replicas" and trigger.target == 1.0
     assert policy.resolved_rate_source() == "output"
 
@@ -87,7 +92,8 @@ def test_every_value_reaches_the_policy() -> None:
         "stage": "experts/group-1", "mode": "raw", "tokensPerSecondPerPod": "500", "targetUtilization": "0.5",
         "emaHalfLifeSeconds": "0", "sloTtftSeconds": "0.5", "sloItlSeconds": "0.05", "queueDrainSeconds": "4",
         "kvHighWatermark": "0.9", "minReplicas": "0", "maxReplicas": "8", "scaleUpCooldownSeconds": "0",
-        "scaleDownCooldownSeconds": "120", "deadBand": "0", "gpuShare": "0.25", "decisionIntervalSeconds": "2.5",
+        "scaleDownCooldownSeconds": "120", "scaleDownWindowSeconds": "600", "scaleUpMaxPods": "2",
+        "scaleUpMaxPercent": "25", "deadBand": "0", "gpuShare": "0.25", "decisionIntervalSeconds": "2.5",
         "storePrefix": "prod:eu-1", "scalerAddress": "scaler:6000", "owner": "team-a",
     }
     trigger = parse_trigger(meta)
@@ -99,6 +105,7 @@ def test_every_value_reaches_the_policy() -> None:
     assert (p.slo_ttft_s, p.slo_itl_s, p.queue_drain_target_s, p.kv_high_watermark) == (0.5, 0.05, 4.0, 0.9)
     assert (p.min_replicas, p.max_replicas, p.scale_up_cooldown_s, p.scale_down_cooldown_s) == (0, 8, 0.0, 120.0)
     assert (p.dead_band, p.gpu_share, p.resolved_rate_source()) == (0.0, 0.25, "total")
+    assert p.scale_down_window_s == 600.0 and p.scale_up_max_step.up(4) == 2 and p.scale_up_max_step.up(12) == 3
     assert trigger.metric_name == "experts-group-1-load-tokens-per-second"  # no "/" in a metric name
     assert trigger.target == 250.0
     assert trigger.unknown_keys == ("owner",)  # scalerAddress is KEDA's own: not reported
