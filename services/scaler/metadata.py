@@ -19,7 +19,7 @@ MetadataError naming the key and what is allowed; the servicer turns it into INV
 | `maxReplicas`              | 16          | integer 1..1000                                          |
 | `scaleUpCooldownSeconds`   | 15          | >= 0                                                     |
 | `scaleDownCooldownSeconds` | 60          | >= 0                                                     |
-| `scaleDownWindowSeconds`   | 300         | >= 0: scale down only to what the window's peak need fits|
+| `scaleDownWindowSeconds`   | 300         | >= 0: scale down only as far as this window's peak fits  |
 | `scaleUpMaxPods`           | 4           | integer 1..1000: one decision adds at most max(this,     |
 | `scaleUpMaxPercent`        | 100         | >= 0: ...this percent of the current count) pods         |
 | `deadBand`                 | 0.1         | [0, 1): relative need change ignored around the count    |
