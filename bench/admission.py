@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 from services.common.load_report import LoadReport  # noqa: E402
 from services.common.logging import configure_logging  # noqa: E402
 from services.common.store import EmbeddedStore, connect  # noqa: E402
@@ -112,9 +111,7 @@ def main() -> None:
         print(f"{'shared bucket (store) charge':<32} concurrency {r['concurrency']:>2}: {r['calls_per_s']:>7.0f} calls/s,"
               f" p50 {r['p50_ms']:.3f} ms, p95 {r['p95_ms']:.3f} ms")
     path = Path(args.out) / f"admission-{out['commit']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    write_json(path, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes JSON with the machine, device and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,7 +35,7 @@ from services.engine.block_manager import blocks_for_budget, blocks_for_tokens  
 from services.engine.kv_cache import PagedKvCache  # noqa: E402
 from services.engine.model import CausalLM  # noqa: E402
 from services.engine.model_config import ModelConfig  # noqa: E402
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -231,11 +230,7 @@ def main() -> None:
               f"{c['engine_tok_s']:.0f} tok/s, transformers generate() sequential {c['hf_tok_s']:.0f} tok/s: "
               f"{c['speedup']:.1f}x wall clock, {c['speedup_cpu_time']:.1f}x in CPU time "
               f"(best of {c['rounds']} alternating runs; greedy outputs equal: {c['outputs_equal']:.0%})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine-{args.shape}-{device.type}-{result['commit']}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"engine-{args.shape}-{device.type}-{result['commit']}.json", result)
 
 
 

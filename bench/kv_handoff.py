@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.engine import SHAPES  # noqa: E402
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 from services.common.kv_cuda_ipc import DeviceBuffer  # noqa: E402
 from services.common.kv_tcp import KvTcpServer  # noqa: E402
 from services.common.kv_transport import (  # noqa: E402
@@ -385,11 +384,7 @@ def main() -> None:
             print(f"{r['shape']:<6} {r['tokens']:>6} {r['path']:<5} {r['bytes'] / 2**20:>6.1f} {r['whole_ms_p50']:>9.1f} "
                   f"{r['stream_ms_p50']:>10.1f} {r['saved_ms']:>9.1f} {r['whole_tail_ms_p50']:>11.1f} "
                   f"{r['stream_tail_ms_p50']:>12.1f} {r['saved_tail_ms']:>11.1f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kv_handoff-{'cuda' if torch.cuda.is_available() else 'cpu'}-{result['commit']}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"kv_handoff-{'cuda' if torch.cuda.is_available() else 'cpu'}-{result['commit']}.json", result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 
 TOTAL = 256 << 20
 PIECE = 8 << 20  # one Llama-3-8B layer of a 2,048-token prompt
@@ -147,11 +146,7 @@ def main() -> None:
     print(f"{'receiver':<26} {'ms':>8} {'GB/s':>6}")
     for r in rows:
         print(f"{r['style']:<26} {r['ms_p50']:>8.1f} {r['gb_s']:>6.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"kv_tcp_io-cpu-{result['commit']}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"kv_tcp_io-cpu-{result['commit']}.json", result)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from services.common.registry import WorkerDirectory  # noqa: E402
 from services.common.store import connect  # noqa: E402
 from services.engine.tiny import ensure_tiny_model  # noqa: E402
 from services.launcher import Stack, UpOptions, free_port  # noqa: E402
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 from services.proto import inference_pb2 as pb  # noqa: E402
 from services.proto import inference_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -184,11 +184,7 @@ def main() -> None:
     g = results["gateway_overhead"]
     print(f"TTFT p50 direct to decode {g['direct_p50_ms']:.2f} ms, through the gateway {g['gateway_p50_ms']:.2f} ms "
           f"(+{g['overhead_p50_ms']:.2f} ms)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"pipeline-{results['commit']}.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"pipeline-{results['commit']}.json", results)
 
 
 

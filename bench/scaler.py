@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import multiprocessing as mp
 import random
 import sys
@@ -40,7 +39,7 @@ from services.proto import externalscaler_pb2_grpc as pb_grpc  # noqa: E402
 from services.scaler.config import ScalerConfig  # noqa: E402
 from services.scaler.server import ScalerService  # noqa: E402
 from services.scaler.signals import ALL_REASONS  # noqa: E402
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 
 PREFIX = "bench-scaler"
 WARMUP_S = 1.0
@@ -185,9 +184,7 @@ def main() -> None:
               f" {lat['p50']:>7.2f}"
               f" {lat['p95']:>7.2f} {lat['p99']:>7.2f} {lat['max']:>7.2f} {sum(r['errors'].values()):>6}")
     path = Path(args.out) / f"scaler-{out['commit']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    write_json(path, out)
 
 
 if __name__ == "__main__":

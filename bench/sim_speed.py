@@ -15,7 +15,6 @@ writes JSON with the machine, device and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 from services.experiment.baselines import demand, sim_config  # noqa: E402
 from services.experiment.config import MoeSection, load  # noqa: E402
 from services.experiment.workload import build  # noqa: E402
@@ -77,11 +76,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['run']:<18} {r['events']:>9} {r['wall_s']:>8.1f} {r['cpu_s']:>7.1f} {r['events_per_s']:>10.0f} "
               f"{r['peak_pods']:>10} {r['mean_gpus']:>10.1f} {r['simulated_s']:>8.0f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sim_speed-{result['commit']}{'-moe' if args.moe else ''}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"sim_speed-{result['commit']}{'-moe' if args.moe else ''}.json", result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ machine, device and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from bench.engine import BLOCK_SIZE, SHAPES, build  # noqa: E402
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 from services.engine.batch import SeqWork, build_batch  # noqa: E402
 from services.engine.block_manager import blocks_for_tokens  # noqa: E402
 from services.engine.kv_cache import KvCache, PagedKvCache  # noqa: E402
@@ -130,11 +129,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['shape']:<6}{r['batch']:>6}{r['context']:>6}{r['paged_ms']:>9.2f}{r['mirror_ms']:>9.2f}"
               f"{r['slot_ms']:>9.2f}{r['build_ms']:>7.2f}" + "".join(f"{r['split_ms'].get(g, 0.0):>11.2f}" for g in groups))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"step-profile-cpu-{result['commit']}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"step-profile-cpu-{result['commit']}.json", result)
 
 
 if __name__ == "__main__":

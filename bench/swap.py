@@ -15,7 +15,6 @@ the machine, device and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # as bench/engine.py: bench/profile.py must not shadow stdlib
 
 from bench.engine import SHAPES, build, timed  # noqa: E402
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 from services.engine.batch import SeqWork, build_batch  # noqa: E402
 from services.engine.block_manager import blocks_for_tokens  # noqa: E402
 from services.engine.host_kv_cache import HostKvCache  # noqa: E402
@@ -76,11 +75,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['tokens']:>7} {r['kv_bytes'] / 2**20:>8.2f} {r['recompute_ms']:>13.2f} {r['swap_ms']:>15.3f} "
               f"{r['ratio']:>15.1f} {r['swap_gb_s']:>6.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"swap-{args.shape}-{device.type}-{result['commit']}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"swap-{args.shape}-{device.type}-{result['commit']}.json", result)
 
 
 if __name__ == "__main__":

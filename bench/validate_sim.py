@@ -21,7 +21,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.meta import commit, machine  # noqa: E402
+from bench.meta import commit, machine, write_json  # noqa: E402
 from services.experiment.runner import run_experiment  # noqa: E402
 
 GOAL = 0.20
@@ -88,11 +88,7 @@ def main() -> None:
               f"{d('prefill_mean_replicas'):>6} {r['real']['decode_mean_replicas']:>12.2f} "
               f"{r['sim']['decode_mean_replicas']:>6.2f} {d('decode_mean_replicas'):>6}   "
               f"load {r['loadavg_1m']['before']:.1f} -> {r['loadavg_1m']['after']:.1f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"validate_sim-{result['commit']}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(Path(args.out) / f"validate_sim-{result['commit']}.json", result)
 
 
 if __name__ == "__main__":
