@@ -83,12 +83,18 @@ class Sim:
             assert self.device[table[p // BS]][p % BS] == tuple(q.tokens[: p + 1]), f"{q.request_id} position {p}"
 
 
+def _admit_three(sim: Sim) -> tuple[Sequence, Sequence, Sequence]:
+    """Three sequences of 7 prompt tokens (+1 fed), each holding 2 of the pool's blocks of 4."""
+    trio = tuple(seq(i, list(range(10 + 10 * i, 17 + 10 * i))) for i in range(3))
+    for q in trio:
+        assert sim.admit(q)
+    return trio
+
+
 def test_the_newest_long_sequence_swaps_out_and_comes_back_first():
     # 6 blocks of 4: a, b, c (7 tokens + 1 fed) hold 2 each; growing past 8 needs a third
     sim = Sim(blocks=6, swap_blocks=8)
-    a, b, c = (seq(i, list(range(10 + 10 * i, 17 + 10 * i))) for i in range(3))
-    for q in (a, b, c):
-        assert sim.admit(q)
+    a, b, c = _admit_three(sim)
     sim.step()
     plan = sim.step()  # position 8 needs a third block each: c (the newest) gives way
     assert [x.seq for x in plan.swapped_out] == [c] and plan.preempted == []
@@ -184,9 +190,7 @@ def test_shared_blocks_evicted_while_swapped_out_come_back_from_the_host_copy():
 
 def test_abort_and_detach_while_swapped():
     sim = Sim(blocks=6, swap_blocks=8)
-    a, b, c = (seq(i, list(range(10 + 10 * i, 17 + 10 * i))) for i in range(3))
-    for q in (a, b, c):
-        assert sim.admit(q)
+    a, b, c = _admit_three(sim)
     sim.step()
     sim.step()
     assert c in sim.s.swapped
@@ -211,9 +215,7 @@ def test_abort_and_detach_while_swapped():
 
 def test_no_swap_in_in_a_step_that_preempted_and_a_reserve_while_others_run():
     sim = Sim(blocks=6, swap_blocks=8, reserve=2)
-    a, b, c = (seq(i, list(range(10 + 10 * i, 17 + 10 * i))) for i in range(3))
-    for q in (a, b, c):
-        assert sim.admit(q)
+    a, b, c = _admit_three(sim)
     sim.step()
     sim.step()  # c swapped out; a and b hold 3 blocks each now
     sim.finish(b)  # 3 free: c needs 3 but must leave 2 while a runs
