@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not bench/ (bench/profile.py: stdlib profile)
 
 from bench import workloads  # noqa: E402
 from bench.workloads import Request  # noqa: E402

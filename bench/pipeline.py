@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/: bench/profile.py must not shadow stdlib profile
 
 from services.common.registry import WorkerDirectory  # noqa: E402
 from services.common.store import connect  # noqa: E402

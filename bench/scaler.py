@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/: bench/profile.py must not shadow stdlib profile
 
 from services.common.load_report import LoadReport  # noqa: E402
 from services.common.logging import configure_logging  # noqa: E402

@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/: bench/profile.py must not shadow stdlib profile
 
 from bench.meta import commit, machine, write_json  # noqa: E402
 from services.experiment.baselines import demand, sim_config  # noqa: E402

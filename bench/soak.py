@@ -32,7 +32,7 @@ import aiohttp
 import numpy as np
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)  # the repo, not bench/ (bench/profile.py: stdlib profile)
 
 from bench import meta, workloads  # noqa: E402
 from bench.loadgen import prompt_ids  # noqa: E402

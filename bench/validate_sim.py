@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/: bench/profile.py must not shadow stdlib profile
 
 from bench.meta import commit, machine, write_json  # noqa: E402
 from services.experiment.runner import run_experiment  # noqa: E402
