@@ -428,7 +428,8 @@ async def _paced(call, stall_s: float):
     messages = aiter(call)
     while True:
         try:
-            msg = await asyncio.wait_for(anext(messages), stall_s)
+            async with asyncio.timeout(stall_s):  # a timer on this task, not a task per message
+                msg = await anext(messages)
         except StopAsyncIteration:
             return
         except TimeoutError:
